@@ -1,0 +1,141 @@
+"""Typed configuration: one dataclass per stage, loaded from YAML plus ``key=value`` overrides.
+
+Pydantic dataclasses give us type checking, an error that names any unknown key, and required
+fields that fail before a single Ray task starts. Every run writes its resolved config next to
+its outputs (``save_config``) so a result can always be traced to the settings that made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import ConfigDict, ValidationError
+from pydantic.dataclasses import dataclass
+
+_STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+
+Format = Literal["auto", "explicit", "implicit", "conversational"]
+
+
+@dataclass(config=_STRICT)
+class DataConfig:
+    """Where preference pairs come from and how they become token ids.
+
+    Names follow TRL's ``DPOConfig`` where the meaning is the same (``max_length``,
+    ``max_prompt_length``).
+    """
+
+    # A file, directory, glob or filesystem URI (.jsonl/.jsonl.gz/.json/.parquet/.csv), or
+    # ``hf://<dataset id>`` for a Hugging Face hub dataset loaded with ``datasets.load_dataset``.
+    source: str
+    # Tokenizer: a local folder or hub id (usually the policy model's).
+    tokenizer: str
+    format: Format = "auto"
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    # HH-RLHF style implicit prompts end at the last occurrence of this marker.
+    assistant_marker: str = "\n\nAssistant:"
+    human_marker: str = "\n\nHuman:"
+    # prompt + response tokens; the original DPO repo uses 512 / 256.
+    max_length: int = 512
+    max_prompt_length: int | None = 256
+    on_bad_row: Literal["raise", "skip"] = "raise"
+    # Only the first N rows of the source (after reading, before validation); None = all.
+    limit: int | None = None
+    # Hugging Face hub options, used with ``source: hf://...`` only.
+    hf_split: str = "train"
+    hf_name: str | None = None
+    hf_data_dir: str | None = None
+    hf_revision: str | None = None
+    trust_remote_code: bool = False
+    # Ray Data: tokenizer actors (each loads the tokenizer once) and rows per batch.
+    tokenize_actors: int = 1
+    tokenize_batch_size: int = 256
+    tokenize_num_cpus: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            raise ValueError(f"data.max_length must be >= 2, got {self.max_length}")
+        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
+            raise ValueError(
+                f"data.max_prompt_length must be in [1, max_length={self.max_length}), "
+                f"got {self.max_prompt_length}"
+            )
+
+
+C = TypeVar("C")
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {key!r} is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["data.max_length=256", "beta=0.1"]`` -> nested dict; values parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None,
+                section: str | None = None) -> C:
+    """Build ``cls`` from a YAML file (optionally one ``section`` of it) and overrides.
+
+    Errors name the offending key, e.g. ``data.max_lenght: Unexpected keyword argument``.
+    """
+    tree: dict = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        tree = loaded
+    if section is not None:
+        tree = tree.get(section, {}) or {}
+    overrides_tree = parse_overrides(overrides or [])
+    if section is not None and section in overrides_tree:
+        overrides_tree = _merge(
+            {k: v for k, v in overrides_tree.items() if k != section}, overrides_tree[section]
+        )
+    tree = _merge(tree, overrides_tree)
+    try:
+        return cls(**tree)
+    except ValidationError as err:
+        where = f"{section}." if section else ""
+        problems = "; ".join(
+            f"{where}{'.'.join(str(p) for p in e['loc']) or '?'}: {e['msg']}" for e in err.errors()
+        )
+        raise ValueError(f"invalid {cls.__name__} ({path or 'no file'}): {problems}") from None
+    except TypeError as err:  # unknown keys surface as TypeError for some pydantic paths
+        raise ValueError(f"invalid {cls.__name__} ({path or 'no file'}): {err}") from None
+
+
+def config_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_dict(config), sort_keys=False))

@@ -1,0 +1,149 @@
+"""The data stage: source -> validated, tokenized pairs (a Ray Dataset) + a report.
+
+``prepare_pairs`` is what training and the reference stage call; ``dpo-ray data`` calls it and
+writes the pairs as Parquet (the schema is ``PAIR_SCHEMA`` minus the ``skip_*`` columns) with
+``data_report.json`` and the resolved ``data_config.yaml`` beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import ray
+from ray.data import ActorPoolStrategy
+from ray.data.expressions import col
+
+from dpo_ray.config import DataConfig, save_config
+from dpo_ray.data.formats import BadRow
+from dpo_ray.data.sources import read_records
+from dpo_ray.data.tokenize import PAIR_SCHEMA, PairTokenizer
+
+PAIR_COLUMNS = [name for name in PAIR_SCHEMA.names if not name.startswith("skip_")]
+_EXAMPLES_KEPT = 20
+
+
+@dataclass
+class DataReport:
+    """What the data stage read, kept, skipped (by reason) and truncated."""
+
+    rows_read: int = 0
+    pairs: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_examples: list[dict] = field(default_factory=list)
+    formats: dict[str, int] = field(default_factory=dict)
+    prompt_truncated: int = 0
+    chosen_truncated: int = 0
+    rejected_truncated: int = 0
+    max_sequence_length: int = 0
+    mean_sequence_length: float = 0.0
+
+    def summary(self) -> str:
+        lines = [f"read {self.rows_read} rows -> {self.pairs} pairs "
+                 f"(formats: {self.formats or '-'})"]
+        lines.append(f"truncated: {self.prompt_truncated} prompts, {self.chosen_truncated} chosen, "
+                     f"{self.rejected_truncated} rejected responses")
+        lines.append(f"sequence length: mean {self.mean_sequence_length:.1f}, "
+                     f"max {self.max_sequence_length}")
+        if self.skipped:
+            lines.append(f"skipped {sum(self.skipped.values())} rows: "
+                         + ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())))
+            for ex in self.skipped_examples[:5]:
+                lines.append(f"  {ex['source_file']}, row {ex['source_row']}: {ex['reason']}: "
+                             f"{ex['detail']}")
+        return "\n".join(lines)
+
+
+def _find_bad_row(err: BaseException) -> BadRow | None:
+    """Ray wraps user exceptions (RayTaskError, UserCodeException); dig out our BadRow."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, BadRow):
+            return BadRow(err.reason, err.detail, err.source_file, err.source_row)
+        cause = getattr(err, "cause", None)
+        err = cause if isinstance(cause, BaseException) else (err.__cause__ or err.__context__)
+    return None
+
+
+def _report(stats) -> DataReport:
+    """``stats``: pandas frame of the small columns of every tokenized row (kept and skipped)."""
+    skipped = stats[stats["skip_reason"].notna()]
+    kept = stats[stats["skip_reason"].isna()]
+    lengths = kept[["chosen_length", "rejected_length"]].max(axis=1) if len(kept) else None
+    return DataReport(
+        rows_read=len(stats),
+        pairs=len(kept),
+        skipped=dict(Counter(skipped["skip_reason"])),
+        skipped_examples=[
+            {"source_file": r.source_file, "source_row": int(r.source_row),
+             "reason": r.skip_reason, "detail": r.skip_detail}
+            for r in skipped.sort_values(["source_file", "source_row"]).head(_EXAMPLES_KEPT)
+            .itertuples()
+        ],
+        formats=dict(Counter(kept["format"])),
+        prompt_truncated=int(kept["prompt_truncated"].sum()),
+        chosen_truncated=int(kept["chosen_truncated"].sum()),
+        rejected_truncated=int(kept["rejected_truncated"].sum()),
+        max_sequence_length=int(lengths.max()) if lengths is not None else 0,
+        mean_sequence_length=float(lengths.mean()) if lengths is not None else 0.0,
+    )
+
+
+def prepare_pairs(config: DataConfig, source=None) -> tuple[ray.data.Dataset, DataReport]:
+    """Read, validate and tokenize every pair. Returns the kept pairs (materialized) and a report.
+
+    The tokenized dataset is materialized once so that counting skips and handing the pairs on
+    do not run the pipeline twice (Ray Data re-executes lazy pipelines on every consumption).
+    Raises ``BadRow`` naming file, row and reason when ``on_bad_row="raise"``.
+    """
+    records = read_records(config.source if source is None else source, config)
+    tokenized = records.map_batches(
+        PairTokenizer,
+        fn_constructor_args=(config,),
+        batch_format="pyarrow",
+        batch_size=config.tokenize_batch_size,
+        compute=ActorPoolStrategy(min_size=1, max_size=config.tokenize_actors),
+        num_cpus=config.tokenize_num_cpus,
+    )
+    try:
+        tokenized = tokenized.materialize()
+    except Exception as err:  # noqa: BLE001 - re-raised as the BadRow inside, or unchanged
+        bad = _find_bad_row(err)
+        if bad is not None:
+            raise bad from None
+        raise
+    stats = tokenized.select_columns(
+        ["source_file", "source_row", "format", "skip_reason", "skip_detail", "chosen_length",
+         "rejected_length", "prompt_truncated", "chosen_truncated", "rejected_truncated"]
+    ).to_pandas()
+    report = _report(stats)
+    pairs = tokenized
+    if report.skipped:
+        pairs = tokenized.filter(expr=col("skip_reason").is_null()).materialize()
+    return pairs.select_columns(PAIR_COLUMNS), report
+
+
+def write_pairs(pairs: ray.data.Dataset, report: DataReport, config: DataConfig,
+                output_dir: str | os.PathLike) -> Path:
+    """Write pairs as Parquet under ``output_dir/pairs`` atomically, plus report and config.
+
+    Files go to a temporary sibling directory first and are renamed into place only when every
+    block is written, so a crash never leaves a half-written ``pairs/`` that looks complete.
+    """
+    out = Path(output_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".pairs.tmp-{uuid.uuid4().hex[:8]}"
+    pairs.write_parquet(str(staging))
+    final = out / "pairs"
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    (out / "data_report.json").write_text(json.dumps(asdict(report), indent=2))
+    save_config(config, out / "data_config.yaml")
+    return final

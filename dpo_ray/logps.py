@@ -1,0 +1,112 @@
+"""Sequence log-probabilities of responses: the one function that scores both the cached
+reference values and the live policy, so the two can never be computed differently.
+
+Notation: B pairs in a batch, T tokens per padded sequence, V vocabulary size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities of the labelled tokens of each sequence.
+
+        logp(y | x) = sum_t  log softmax(logits[b, t-1])[labels[b, t]]   over t with labels != -100
+
+    The model's logits at position t-1 predict the token at position t, so logits drop their
+    last position and labels their first (the explicit shift). Prompt and padding positions carry
+    ``labels == -100`` and contribute nothing, which makes left and right padding equally correct.
+
+    Args:
+        logits: (B, T, V) float, the model's output for ``input_ids`` (B, T).
+        labels: (B, T) long, ``input_ids`` with -100 on prompt and padding positions.
+    Returns:
+        logps: (B,) float32, summed log-probs of response tokens.
+        token_counts: (B,) long, number of response tokens that were summed.
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
+    logits = logits[:, :-1, :].float()  # (B, T-1, V): position t predicts token t+1
+    labels = labels[:, 1:]  # (B, T-1)
+    mask = labels != IGNORE_INDEX
+    safe_labels = labels.masked_fill(~mask, 0)
+    # log_softmax then gather == -cross_entropy; cross_entropy avoids a (B, T-1, V) log-prob copy.
+    token_logps = -F.cross_entropy(
+        logits.transpose(1, 2), safe_labels, reduction="none"
+    )  # (B, T-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def response_labels(input_ids: torch.Tensor, prompt_lengths: torch.Tensor,
+                    attention_mask: torch.Tensor) -> torch.Tensor:
+    """``input_ids`` (B, T) with -100 over padding and over each row's first ``prompt_length``
+    real tokens (works for left and right padding: prompts are counted from the first real token).
+    """
+    position = attention_mask.long().cumsum(-1) - 1  # index among real tokens, -1 on left padding
+    is_response = (position >= prompt_lengths[:, None]) & attention_mask.bool()
+    return input_ids.masked_fill(~is_response, IGNORE_INDEX)
+
+
+def pad_sequences(sequences: list[list[int]], pad_id: int, side: str = "right",
+                  length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lists of token ids -> (input_ids (B, T), attention_mask (B, T)), padded on ``side``."""
+    width = max(len(s) for s in sequences) if length is None else length
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        seq_t = torch.as_tensor(seq, dtype=torch.long)
+        span = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
+        ids[row, span], mask[row, span] = seq_t, 1
+    return ids, mask
+
+
+def model_forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) with position ids that count real tokens only.
+
+    Models with absolute position embeddings (GPT-2) would otherwise give left-padded sequences
+    shifted positions and different log-probs.
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids, use_cache=False).logits
+
+
+def concatenated_forward(model, chosen_input_ids: torch.Tensor, chosen_attention_mask: torch.Tensor,
+                         rejected_input_ids: torch.Tensor, rejected_attention_mask: torch.Tensor,
+                         prompt_lengths: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen and rejected of B pairs through the model in one (2B, T) pass.
+
+    One pass instead of two halves the kernel launches and, under DDP/FSDP, the collective calls
+    per step (the original DPO repo does the same). Both halves are right-padded to a common T.
+
+    Args:
+        chosen_input_ids, rejected_input_ids: (B, Tc), (B, Tr) long, prompt + response.
+        *_attention_mask: same shapes, 1 on real tokens.
+        prompt_lengths: (B,) long, where each response starts (same for chosen and rejected).
+    Returns dict of (B,) tensors: ``chosen_logps``, ``rejected_logps``, ``chosen_tokens``,
+        ``rejected_tokens``, ``chosen_logits_mean``, ``rejected_logits_mean`` (detached).
+    """
+    batch = chosen_input_ids.shape[0]
+    width = max(chosen_input_ids.shape[1], rejected_input_ids.shape[1])
+
+    def widen(t: torch.Tensor, value: int) -> torch.Tensor:
+        return F.pad(t, (0, width - t.shape[1]), value=value)
+
+    input_ids = torch.cat([widen(chosen_input_ids, pad_id), widen(rejected_input_ids, pad_id)])
+    attention_mask = torch.cat([widen(chosen_attention_mask, 0), widen(rejected_attention_mask, 0)])
+    labels = response_labels(input_ids, prompt_lengths.repeat(2), attention_mask)  # (2B, T)
+    logits = model_forward_logits(model, input_ids, attention_mask)  # (2B, T, V)
+    logps, tokens = sequence_logps(logits, labels)  # (2B,), (2B,)
+    with torch.no_grad():
+        mask = (labels[:, 1:] != IGNORE_INDEX).unsqueeze(-1)
+        logits_mean = (logits[:, :-1].float() * mask).sum((1, 2)) / (
+            mask.sum((1, 2)) * logits.shape[-1]).clamp(min=1)
+    return {
+        "chosen_logps": logps[:batch], "rejected_logps": logps[batch:],
+        "chosen_tokens": tokens[:batch], "rejected_tokens": tokens[batch:],
+        "chosen_logits_mean": logits_mean[:batch], "rejected_logits_mean": logits_mean[batch:],
+    }

@@ -1,0 +1,26 @@
+"""Connecting to Ray: a cluster when an address is given, otherwise a local instance.
+
+Ray 2.60 on a 2-core machine hangs silently when Train workers hold every CPU and Ray Data
+tasks cannot schedule, so a local instance advertises at least ``MIN_LOCAL_CPUS`` logical CPUs:
+our stages are I/O- and BLAS-bound, and oversubscribing logical CPUs is safe where starving a
+stage is not.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+MIN_LOCAL_CPUS = 4
+
+
+def init_ray(address: str | None = None) -> None:
+    """``ray.init`` once per process; ``address`` (or ``RAY_ADDRESS``) joins a cluster."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(MIN_LOCAL_CPUS, os.cpu_count() or 1), include_dashboard=False)
