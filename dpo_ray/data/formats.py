@@ -44,9 +44,6 @@ class BadRow(ValueError):
         self.source_file, self.source_row = source_file, source_row
         super().__init__(f"{source_file}, row {source_row}: {reason}: {detail}")
 
-    def at(self, source_file: str, source_row: int) -> "BadRow":
-        return BadRow(self.reason, self.detail, source_file, source_row)
-
     def __reduce__(self):  # keep the fields when Ray pickles the error back to the driver
         return (BadRow, (self.reason, self.detail, self.source_file, self.source_row))
 

@@ -59,18 +59,6 @@ class DataReport:
         return "\n".join(lines)
 
 
-def _find_bad_row(err: BaseException) -> BadRow | None:
-    """Ray wraps user exceptions (RayTaskError, UserCodeException); dig out our BadRow."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, BadRow):
-            return BadRow(err.reason, err.detail, err.source_file, err.source_row)
-        cause = getattr(err, "cause", None)
-        err = cause if isinstance(cause, BaseException) else (err.__cause__ or err.__context__)
-    return None
-
-
 def _report(stats) -> DataReport:
     """``stats``: pandas frame of the small columns of every tokenized row (kept and skipped)."""
     skipped = stats[stats["skip_reason"].notna()]
@@ -100,7 +88,9 @@ def prepare_pairs(config: DataConfig, source=None) -> tuple[ray.data.Dataset, Da
 
     The tokenized dataset is materialized once so that counting skips and handing the pairs on
     do not run the pipeline twice (Ray Data re-executes lazy pipelines on every consumption).
-    Raises ``BadRow`` naming file, row and reason when ``on_bad_row="raise"``.
+    With ``on_bad_row="raise"`` every row is still validated first, then ``BadRow`` is raised for
+    the first bad row in source order (file, row, reason) with the count of all bad rows, so one
+    run shows the whole extent of the problem and the message does not depend on scheduling.
     """
     records = read_records(config.source if source is None else source, config)
     tokenized = records.map_batches(
@@ -111,18 +101,19 @@ def prepare_pairs(config: DataConfig, source=None) -> tuple[ray.data.Dataset, Da
         compute=ActorPoolStrategy(min_size=1, max_size=config.tokenize_actors),
         num_cpus=config.tokenize_num_cpus,
     )
-    try:
-        tokenized = tokenized.materialize()
-    except Exception as err:  # noqa: BLE001 - re-raised as the BadRow inside, or unchanged
-        bad = _find_bad_row(err)
-        if bad is not None:
-            raise bad from None
-        raise
+    tokenized = tokenized.materialize()
     stats = tokenized.select_columns(
         ["source_file", "source_row", "format", "skip_reason", "skip_detail", "chosen_length",
          "rejected_length", "prompt_truncated", "chosen_truncated", "rejected_truncated"]
     ).to_pandas()
     report = _report(stats)
+    if report.skipped and config.on_bad_row == "raise":
+        first = report.skipped_examples[0]
+        total = sum(report.skipped.values())
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(report.skipped.items()))
+        more = f" [{total} bad rows in all: {counts}]" if total > 1 else ""
+        raise BadRow(first["reason"], first["detail"] + more, first["source_file"],
+                     first["source_row"])
     pairs = tokenized
     if report.skipped:
         pairs = tokenized.filter(expr=col("skip_reason").is_null()).materialize()

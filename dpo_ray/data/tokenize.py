@@ -107,9 +107,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 class PairTokenizer:
     """Ray Data callable class: ``RECORD_SCHEMA`` batch -> ``PAIR_SCHEMA`` batch.
 
-    One tokenizer per actor (loaded in ``__init__``). With ``on_bad_row="raise"`` the first bad
-    row raises ``BadRow`` naming its file and row; with ``"skip"`` it is emitted with
-    ``skip_reason`` set so the driver can count it.
+    One tokenizer per actor (loaded in ``__init__``). A bad row never raises here: it is emitted
+    with ``skip_reason``/``skip_detail`` set, and the driver decides (raise on the first bad row in
+    source order, or count and drop). Raising inside the actor would lose the row's details: Ray
+    re-raises a ``UserCodeException`` on the driver without the original exception.
     """
 
     def __init__(self, config):
@@ -150,8 +151,6 @@ class PairTokenizer:
                 row = self._tokenize_one(extract_pair(src["record"], src["read_error"], self.cfg))
                 row.update(skip_reason=None, skip_detail=None)
             except BadRow as bad:
-                if self.cfg.on_bad_row == "raise":
-                    raise bad.at(*where) from None
                 row = {"skip_reason": bad.reason, "skip_detail": bad.detail}
             row.update(source_file=where[0], source_row=where[1])
             rows.append(row)

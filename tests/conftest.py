@@ -1,0 +1,71 @@
+"""Shared fixtures: one Ray instance per test session, real assets, and the HH data path.
+
+The HH-RLHF file comes from ``$DPO_RAY_DATA_DIR`` (``.ci/run`` passes ``../shared/data``).
+Under CI (``CI=true``) a missing input is a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+HH_FILE = "hh-rlhf-harmless-base-test.jsonl.gz"
+
+
+def _missing(what: str):
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} is required in CI")
+    pytest.skip(f"{what} not available on this machine")
+
+
+@pytest.fixture(scope="session")
+def hh_path() -> Path:
+    data_dir = Path(os.environ.get("DPO_RAY_DATA_DIR", REPO.parent / "shared" / "data"))
+    path = data_dir / HH_FILE
+    if not path.exists():
+        _missing(f"HH-RLHF data ({path}; set DPO_RAY_DATA_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (starting Ray costs 5-11 s on these machines)."""
+    import ray
+
+    from dpo_ray.ray_env import init_ray
+
+    init_ray()
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct folder (tokenizer with a real chat template)."""
+    from dpo_ray.assets import smollm2_path
+
+    try:
+        return smollm2_path()
+    except FileNotFoundError as err:
+        _missing(str(err))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2):
+    from dpo_ray.data import load_tokenizer
+
+    return load_tokenizer(str(smollm2))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(smollm2, tmp_path_factory) -> Path:
+    from dpo_ray.assets import tiny_model
+
+    return tiny_model(smollm2, tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama")

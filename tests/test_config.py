@@ -1,0 +1,40 @@
+"""Typed config: YAML + overrides, unknown keys named, required fields fail fast."""
+
+import pytest
+
+from dpo_ray.config import DataConfig, load_config, parse_overrides, save_config
+
+
+def test_yaml_section_plus_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  source: a.jsonl\n  tokenizer: tok\n  max_length: 128\n")
+    cfg = load_config(DataConfig, path, ["data.max_prompt_length=64", "data.on_bad_row=skip"],
+                      section="data")
+    assert (cfg.source, cfg.max_length, cfg.max_prompt_length, cfg.on_bad_row) == (
+        "a.jsonl", 128, 64, "skip")
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(DataConfig, tmp_path / "saved.yaml") == cfg
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ValueError, match="max_lenght"):
+        load_config(DataConfig, None, ["data.source=a", "data.tokenizer=t", "data.max_lenght=3"],
+                    section="data")
+
+
+def test_missing_required_field_is_named():
+    with pytest.raises(ValueError, match="tokenizer"):
+        load_config(DataConfig, None, ["data.source=a"], section="data")
+
+
+def test_wrong_type_and_bad_values_are_errors():
+    with pytest.raises(ValueError, match="on_bad_row"):
+        load_config(DataConfig, None, ["source=a", "tokenizer=t", "on_bad_row=ignore"])
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        DataConfig(source="a", tokenizer="t", max_length=64, max_prompt_length=64)
+
+
+def test_override_values_are_yaml_scalars():
+    assert parse_overrides(["a.b=3", "c=null", "d=x=y"]) == {"a": {"b": 3}, "c": None, "d": "x=y"}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["novalue"])

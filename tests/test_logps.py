@@ -1,0 +1,97 @@
+"""``sequence_logps`` and ``concatenated_forward`` against independent computations.
+
+GPT-2 uses absolute position embeddings, so it is the model where left padding goes wrong if
+position ids are not handled; Llama (RoPE) is checked too.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+from dpo_ray.logps import (
+    IGNORE_INDEX, concatenated_forward, model_forward_logits, pad_sequences, response_labels,
+    sequence_logps,
+)
+
+VOCAB, PAD = 101, 0
+
+
+def tiny(arch: str):
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    else:
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+# (prompt, response) token ids of different lengths
+PAIRS = [([5, 6, 7], [8, 9]), ([11, 12], [13, 14, 15, 16]), ([21, 22, 23, 24, 25], [26])]
+
+
+def loop_logps(model, prompt, response):
+    """Independent: run the unpadded sequence alone and add log-probs token by token."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    total = 0.0
+    for t in range(len(prompt), len(prompt) + len(response)):
+        total += float(logprobs[t - 1, ids[0, t]])  # position t-1 predicts token t
+    return total
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_sequence_logps_matches_token_loop(arch, side):
+    model = tiny(arch)
+    ids, mask = pad_sequences([p + r for p, r in PAIRS], PAD, side=side)
+    labels = response_labels(ids, torch.tensor([len(p) for p, _ in PAIRS]), mask)
+    with torch.no_grad():
+        logps, counts = sequence_logps(model_forward_logits(model, ids, mask), labels)
+    assert counts.tolist() == [len(r) for _, r in PAIRS]
+    expected = torch.tensor([loop_logps(model, p, r) for p, r in PAIRS], dtype=torch.float32)
+    torch.testing.assert_close(logps, expected, atol=1e-5, rtol=0)
+
+
+def test_sequence_logps_matches_model_mean_loss_times_count():
+    model = tiny("llama")
+    prompt, response = PAIRS[1]
+    ids = torch.tensor([prompt + response])
+    labels = ids.clone()
+    labels[0, : len(prompt)] = IGNORE_INDEX
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)  # HF shifts internally; mean over response
+        logps, counts = sequence_logps(out.logits, labels)
+    torch.testing.assert_close(logps[0], -out.loss * counts[0], atol=1e-5, rtol=0)
+
+
+def test_response_labels_mask_prompt_and_padding_for_both_sides():
+    ids, mask = pad_sequences([[1, 2, 3, 4], [5, 6]], PAD, side="left")
+    labels = response_labels(ids, torch.tensor([2, 1]), mask)
+    assert labels.tolist() == [[-100, -100, 3, 4], [-100, -100, -100, 6]]
+    ids, mask = pad_sequences([[1, 2, 3, 4], [5, 6]], PAD, side="right")
+    labels = response_labels(ids, torch.tensor([2, 1]), mask)
+    assert labels.tolist() == [[-100, -100, 3, 4], [-100, 6, -100, -100]]
+
+
+def test_concatenated_forward_equals_separate_passes():
+    model = tiny("gpt2")
+    prompts = [p for p, _ in PAIRS]
+    chosen = [p + r for p, r in PAIRS]
+    rejected = [p + r[::-1] + [42, 43] for p, r in PAIRS]  # longer: exercises the widening pad
+    c_ids, c_mask = pad_sequences(chosen, PAD)
+    r_ids, r_mask = pad_sequences(rejected, PAD)
+    with torch.no_grad():
+        out = concatenated_forward(model, c_ids, c_mask, r_ids, r_mask,
+                                   torch.tensor([len(p) for p in prompts]), PAD)
+    expected_c = [loop_logps(model, p, s[len(p):]) for p, s in zip(prompts, chosen)]
+    expected_r = [loop_logps(model, p, s[len(p):]) for p, s in zip(prompts, rejected)]
+    torch.testing.assert_close(out["chosen_logps"], torch.tensor(expected_c), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["rejected_logps"], torch.tensor(expected_r), atol=1e-5, rtol=0)
+    assert out["rejected_tokens"].tolist() == [len(s) - len(p) for p, s in zip(prompts, rejected)]
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="disagree"):
+        sequence_logps(torch.zeros(2, 5, 7), torch.zeros(2, 4, dtype=torch.long))
