@@ -17,10 +17,9 @@ from pathlib import Path
 
 import ray
 from ray.data import ActorPoolStrategy
-from ray.data.expressions import col
 
 from dpo_ray.config import DataConfig, save_config
-from dpo_ray.data.formats import BadRow
+from dpo_ray.data.formats import DUPLICATE_PAIR, BadRow
 from dpo_ray.data.sources import read_records
 from dpo_ray.data.tokenize import PAIR_SCHEMA, PairTokenizer
 
@@ -57,6 +56,19 @@ class DataReport:
                 lines.append(f"  {ex['source_file']}, row {ex['source_row']}: {ex['reason']}: "
                              f"{ex['detail']}")
         return "\n".join(lines)
+
+
+def _mark_duplicates(stats) -> None:
+    """A pair_id seen before (in source order) is a ``duplicate_pair``: the reference cache holds
+    one row per pair_id, and a silently doubled pair would weigh twice in training."""
+    stats.sort_values(["source_file", "source_row"], inplace=True, ignore_index=True)
+    kept = stats["skip_reason"].isna()
+    first_row = stats[kept].drop_duplicates("pair_id").set_index("pair_id")
+    dup = kept & stats["pair_id"].duplicated(keep="first") & stats["pair_id"].notna()
+    for i in stats.index[dup]:
+        origin = first_row.loc[stats.at[i, "pair_id"]]
+        stats.loc[i, ["skip_reason", "skip_detail"]] = [
+            DUPLICATE_PAIR, f"same pair as {origin.source_file}, row {origin.source_row}"]
 
 
 def _report(stats) -> DataReport:
@@ -103,9 +115,10 @@ def prepare_pairs(config: DataConfig, source=None) -> tuple[ray.data.Dataset, Da
     )
     tokenized = tokenized.materialize()
     stats = tokenized.select_columns(
-        ["source_file", "source_row", "format", "skip_reason", "skip_detail", "chosen_length",
+        ["pair_id", "source_file", "source_row", "format", "skip_reason", "skip_detail", "chosen_length",
          "rejected_length", "prompt_truncated", "chosen_truncated", "rejected_truncated"]
     ).to_pandas()
+    _mark_duplicates(stats)
     report = _report(stats)
     if report.skipped and config.on_bad_row == "raise":
         first = report.skipped_examples[0]
@@ -116,7 +129,10 @@ def prepare_pairs(config: DataConfig, source=None) -> tuple[ray.data.Dataset, Da
                      first["source_row"])
     pairs = tokenized
     if report.skipped:
-        pairs = tokenized.filter(expr=col("skip_reason").is_null()).materialize()
+        bad = stats[stats["skip_reason"].notna()]
+        dropped = set(zip(bad["source_file"], bad["source_row"].astype(int)))
+        pairs = tokenized.filter(
+            lambda row: (row["source_file"], row["source_row"]) not in dropped).materialize()
     return pairs.select_columns(PAIR_COLUMNS), report
 
 

@@ -129,18 +129,34 @@ class PreferenceFileDatasource(FileBasedDatasource):
         yield from _iter_jsonl(text, path)
 
 
-def _expand(source: str) -> list[str]:
-    """Local globs are expanded here; directories and URIs are listed by Ray's file layer."""
+def source_files(source: str) -> list[str]:
+    """The files a path, directory, glob or URI stands for, sorted: the exact list that is read
+    (and that the reference cache hashes). Hidden files (``.``/``_`` prefixes) are left out."""
+    from pyarrow import fs as pafs
+
     if "://" not in source and any(ch in source for ch in "*?["):
-        paths = sorted(glob.glob(source, recursive=True))
+        paths = sorted(os.path.abspath(p) for p in glob.glob(source, recursive=True)
+                       if os.path.isfile(p))
         if not paths:
             raise FileNotFoundError(f"no files match {source!r}")
-        return [os.path.abspath(p) for p in paths]
-    if "://" not in source:
-        if not os.path.exists(source):
-            raise FileNotFoundError(f"data source {source!r} does not exist")
-        return [os.path.abspath(source)]
-    return [source]
+        return paths
+    filesystem, root = pafs.FileSystem.from_uri(source if "://" in source else os.path.abspath(source))
+    info = filesystem.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"data source {source!r} does not exist")
+    if info.type == pafs.FileType.File:
+        return [source if "://" in source else root]
+    entries = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    scheme = source.split("://")[0] + "://" if "://" in source else ""
+    paths = sorted(
+        scheme + e.path
+        for e in entries
+        if e.type == pafs.FileType.File and e.path.endswith(EXTENSIONS)
+        and not any(part.startswith((".", "_")) for part in e.path[len(root):].split("/") if part)
+    )
+    if not paths:
+        raise FileNotFoundError(f"no {'/'.join(EXTENSIONS)} files under {source!r}")
+    return paths
 
 
 def _with_row_records(ds: ray.data.Dataset, name: str) -> ray.data.Dataset:
@@ -177,7 +193,7 @@ def read_records(source, config) -> ray.data.Dataset:
         ds = _from_hf(hf, f"{source}:{config.hf_split}")
     elif isinstance(source, str):
         ds = ray.data.read_datasource(
-            PreferenceFileDatasource(_expand(source), file_extensions=list(EXTENSIONS))
+            PreferenceFileDatasource(source_files(source), file_extensions=list(EXTENSIONS))
         )
     else:
         raise TypeError(f"unsupported data source of type {type(source).__name__}")
