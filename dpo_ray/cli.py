@@ -1,4 +1,4 @@
-"""``dpo-ray`` command line: one subcommand per stage (data; reference, train, eval follow).
+"""``dpo-ray`` command line: one subcommand per stage (data, reference; train, eval follow).
 
 Each takes ``--config run.yaml`` (the stage reads its own section, e.g. ``data:``) and
 ``key=value`` overrides such as ``data.max_length=256``.
@@ -11,26 +11,27 @@ import json
 import sys
 from dataclasses import asdict
 
-from dpo_ray.config import DataConfig, load_config
+from dpo_ray.config import DataConfig, RunConfig, load_config, save_config
+from dpo_ray.data.formats import BadRow
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """Shortcut flags become overrides (explicit ``key=value`` arguments win, being later)."""
+    shortcuts = {"data": "data.source", "tokenizer": "data.tokenizer", "model": "reference.model"}
+    extra = [f"{key}={getattr(args, flag)}" for flag, key in shortcuts.items()
+             if getattr(args, flag, None)]
+    if getattr(args, "model", None) and not getattr(args, "tokenizer", None):
+        extra.append(f"data.tokenizer={args.model}")  # a model folder carries its tokenizer
+    return extra + list(args.overrides)
 
 
 def _data(args: argparse.Namespace) -> int:
-    from dpo_ray.data import BadRow, prepare_pairs, write_pairs
+    from dpo_ray.data import prepare_pairs, write_pairs
     from dpo_ray.ray_env import init_ray
 
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.source={args.data}")
-    if args.tokenizer:
-        overrides.append(f"data.tokenizer={args.tokenizer}")
-    config = load_config(DataConfig, args.config, overrides, section="data")
+    config = load_config(DataConfig, args.config, _overrides(args), section="data")
     init_ray(args.address)
-    try:
-        pairs, report = prepare_pairs(config)
-    except BadRow as bad:
-        print(f"error: {bad}\n(set data.on_bad_row=skip to drop and count such rows)",
-              file=sys.stderr)
-        return 2
+    pairs, report = prepare_pairs(config)
     print(report.summary())
     if args.output:
         where = write_pairs(pairs, report, config, args.output)
@@ -42,6 +43,25 @@ def _data(args: argparse.Namespace) -> int:
                                                   "rejected_length")}))
     if args.json:
         print(json.dumps(asdict(report)))
+    return 0
+
+
+def _reference(args: argparse.Namespace) -> int:
+    from dpo_ray.ray_env import init_ray
+    from dpo_ray.reference import ensure_reference
+
+    config = load_config(RunConfig, args.config, _overrides(args))
+    init_ray(args.address)
+    result = ensure_reference(config.data, config.reference)
+    if args.output:  # the resolved config and what was used, beside any run that asks for it
+        from pathlib import Path
+
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+        (out / "reference.json").write_text(json.dumps(
+            {"key": result.key, "path": result.path, "rows": result.rows,
+             "cache_hit": result.cache_hit}, indent=2))
     return 0
 
 
@@ -59,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--json", action="store_true", help="also print the report as one JSON line")
     data.add_argument("overrides", nargs="*", help="key=value, e.g. data.max_length=256")
     data.set_defaults(run=_data)
+
+    ref = sub.add_parser("reference", help="score every pair with the reference model once and "
+                         "cache the values (reused when already cached)")
+    ref.add_argument("--config", help="YAML file with `data:` and `reference:` sections")
+    ref.add_argument("--data", help="shortcut for data.source")
+    ref.add_argument("--model", help="shortcut for reference.model (and data.tokenizer if unset)")
+    ref.add_argument("--tokenizer", help="shortcut for data.tokenizer")
+    ref.add_argument("--output", help="write config.yaml and reference.json (cache key, path) here")
+    ref.add_argument("overrides", nargs="*", help="key=value, e.g. reference.max_actors=4")
+    ref.set_defaults(run=_reference)
     return parser
 
 
@@ -66,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except BadRow as bad:
+        print(f"error: {bad}\n(set data.on_bad_row=skip to drop and count such rows)",
+              file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -67,6 +67,57 @@ class DataConfig:
             )
 
 
+@dataclass(config=_STRICT)
+class ReferenceConfig:
+    """The frozen reference model, the actor pool that scores every pair once, and its cache.
+
+    Nothing here that only changes *how fast* values are computed (pool size, batch sizes) is part
+    of the cache key; everything that changes the values is (see ``dpo_ray/reference/cache.py``).
+    """
+
+    # A local Hugging Face folder or a hub id (safetensors weights only).
+    model: str
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    # Local path or filesystem URI (file://, s3://, gs://) every node can reach.
+    cache_dir: str = "~/.cache/dpo_ray/reference"
+    # Actor pool: each actor loads the model once. GPUs per actor > 0 places actors on GPU nodes.
+    min_actors: int = 1
+    max_actors: int = 2
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    # Pairs per actor call; inside a call pairs are sorted by length and run in micro-batches of
+    # ``micro_batch_size`` pairs (2x sequences, chosen + rejected in one pass) to keep padding small.
+    batch_size: int = 64
+    micro_batch_size: int = 8
+
+
+@dataclass(config=_STRICT)
+class TrainConfig:
+    """DPO objective and optimisation. Names follow TRL's ``DPOConfig``. None of these are inputs
+    of the reference cache: changing them reuses the cached reference values."""
+
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo", "ipo_length_normalized"] = "sigmoid"
+    label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0  # weight of the SFT (NLL on chosen) term
+    learning_rate: float = 5e-7
+    num_train_epochs: int = 1
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    seed: int = 0
+
+
+@dataclass(config=_STRICT)
+class RunConfig:
+    """A whole run: one section per stage, as in ``run.yaml``."""
+
+    data: DataConfig
+    reference: ReferenceConfig
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
 C = TypeVar("C")
 
 

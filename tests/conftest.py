@@ -16,6 +16,10 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+# Ray workers must import test helpers (e.g. a scorer subclass that crashes on purpose); they
+# inherit the environment of the raylet that the session's ray.init starts.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
 HH_FILE = "hh-rlhf-harmless-base-test.jsonl.gz"
 
 

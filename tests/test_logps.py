@@ -50,7 +50,7 @@ def test_sequence_logps_matches_token_loop(arch, side):
     with torch.no_grad():
         logps, counts = sequence_logps(model_forward_logits(model, ids, mask), labels)
     assert counts.tolist() == [len(r) for _, r in PAIRS]
-    expected = torch.tensor([loop_logps(model, p, r) for p, r in PAIRS], dtype=torch.float32)
+    expected = torch.tensor([loop_logps(model, p, r) for p, r in PAIRS], dtype=torch.float64)
     torch.testing.assert_close(logps, expected, atol=1e-5, rtol=0)
 
 
@@ -63,7 +63,7 @@ def test_sequence_logps_matches_model_mean_loss_times_count():
     with torch.no_grad():
         out = model(input_ids=ids, labels=labels)  # HF shifts internally; mean over response
         logps, counts = sequence_logps(out.logits, labels)
-    torch.testing.assert_close(logps[0], -out.loss * counts[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logps[0].float(), -out.loss * counts[0], atol=1e-5, rtol=0)
 
 
 def test_response_labels_mask_prompt_and_padding_for_both_sides():
@@ -87,9 +87,13 @@ def test_concatenated_forward_equals_separate_passes():
                                    torch.tensor([len(p) for p in prompts]), PAD)
     expected_c = [loop_logps(model, p, s[len(p):]) for p, s in zip(prompts, chosen)]
     expected_r = [loop_logps(model, p, s[len(p):]) for p, s in zip(prompts, rejected)]
-    torch.testing.assert_close(out["chosen_logps"], torch.tensor(expected_c), atol=1e-5, rtol=0)
-    torch.testing.assert_close(out["rejected_logps"], torch.tensor(expected_r), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["chosen_logps"], torch.tensor(expected_c, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["rejected_logps"], torch.tensor(expected_r, dtype=torch.float64), atol=1e-5, rtol=0)
     assert out["rejected_tokens"].tolist() == [len(s) - len(p) for p, s in zip(prompts, rejected)]
+    with torch.no_grad():  # logits/chosen: mean logit over the response-predicting positions
+        p, s = prompts[0], chosen[0]
+        logits = model(input_ids=torch.tensor([s])).logits[0, len(p) - 1:len(s) - 1]
+    assert float(out["chosen_logits_mean"][0]) == pytest.approx(float(logits.mean()), abs=1e-5)
 
 
 def test_shape_mismatch_is_an_error():

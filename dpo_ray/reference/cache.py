@@ -1,0 +1,222 @@
+"""The content-addressed reference cache: a key from everything that changes the values, Parquet
+files written by Ray Data, and a manifest written last.
+
+Layout under ``cache_dir`` (a local path or any pyarrow filesystem URI)::
+
+    <key>/manifest.json          written last, atomically: the cache entry exists iff this does
+    <key>/attempt-<id>/*.parquet  one directory per scoring attempt; only the manifest's is read
+
+Key inputs (``cache_key``): the scoring-code version, the reference weights (sha256 of
+``config.json`` and every ``*.safetensors`` file, or hub id + revision), dtype, the tokenizer's
+files (chat template included), the tokenization settings (``max_length``, ``max_prompt_length``,
+format, columns, markers, ``limit``), and the data (sha256 of each source file, a DataFrame's
+row hashes, or a ``datasets`` fingerprint). Training settings (beta, learning rate, epochs) are
+not inputs: changing them reuses the cache.
+
+Interrupted runs: scoring writes into a fresh ``attempt-*`` directory and the manifest is
+committed only after the rows are verified (count == pairs, no duplicate ``pair_id``). A crashed
+attempt has no manifest pointing at it, so its files are never read; the rerun *recomputes*
+rather than resuming. Recompute is chosen because a Ray Data write is not transactional (a
+retried write task can leave a partial or doubled file), and proving a partial attempt complete
+costs about as much as scoring it again at the sizes where this runs on one node.
+
+Reading verifies every file against the manifest (bytes, sha256, Parquet row count); a mismatch
+raises ``CacheCorrupt`` naming the file, and the caller recomputes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+
+SCORING_VERSION = 1  # bump when scoring code changes the values it writes
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+_TOKENIZATION_FIELDS = ("format", "prompt_column", "chosen_column", "rejected_column",
+                        "assistant_marker", "human_marker", "max_length", "max_prompt_length",
+                        "limit", "hf_split", "hf_name", "hf_data_dir", "hf_revision")
+
+
+class CacheCorrupt(RuntimeError):
+    """A cache entry whose files do not match its manifest."""
+
+
+def _sha256_stream(stream, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    while True:
+        block = stream.read(chunk)
+        if not block:
+            return digest.hexdigest()
+        digest.update(block)
+
+
+def _sha256_local(path: Path) -> str:
+    with open(path, "rb") as f:
+        return _sha256_stream(f)
+
+
+def model_fingerprint(name_or_path: str, revision: str | None) -> dict:
+    """Content hashes of a local model folder, or hub id + revision."""
+    folder = Path(os.path.expanduser(name_or_path))
+    if not folder.is_dir():
+        return {"hub_id": name_or_path, "revision": revision or "main"}
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights (only safetensors are loaded)")
+    files = [folder / "config.json", *weights]
+    return {"files": {p.name: _sha256_local(p) for p in files}}
+
+
+def tokenizer_fingerprint(name_or_path: str) -> dict:
+    """Hashes of every non-weight file in a tokenizer folder (vocab, merges, config, template)."""
+    folder = Path(os.path.expanduser(name_or_path))
+    if not folder.is_dir():
+        return {"hub_id": name_or_path}
+    return {"files": {p.name: _sha256_local(p) for p in sorted(folder.iterdir())
+                      if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES)}}
+
+
+def data_fingerprint(source) -> dict:
+    import pandas as pd
+
+    from dpo_ray.data.sources import source_files
+
+    if isinstance(source, pd.DataFrame):
+        rows = pd.util.hash_pandas_object(source.astype(str), index=False).to_numpy()
+        return {"dataframe_sha256": hashlib.sha256(rows.tobytes()).hexdigest()}
+    if type(source).__module__.startswith("datasets"):
+        return {"hf_fingerprint": source._fingerprint}
+    if source.startswith("hf://"):
+        return {"hub_dataset": source}
+    hashes = []
+    for path in source_files(source):
+        filesystem, inner = pafs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
+        with filesystem.open_input_stream(inner) as stream:
+            hashes.append(_sha256_stream(stream))
+    return {"file_sha256": hashes}
+
+
+def cache_key(data_config, ref_config, source=None) -> tuple[str, dict]:
+    """-> (key, inputs). ``inputs`` is what the key hashes; it is stored in the manifest."""
+    data_dict = asdict(data_config)
+    inputs = {
+        "scoring_version": SCORING_VERSION,
+        "model": model_fingerprint(ref_config.model, ref_config.revision),
+        "dtype": ref_config.dtype,
+        "tokenizer": tokenizer_fingerprint(data_config.tokenizer),
+        "tokenization": {k: data_dict[k] for k in _TOKENIZATION_FIELDS},
+        "data": data_fingerprint(data_config.source if source is None else source),
+    }
+    blob = json.dumps(inputs, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:24], inputs
+
+
+class ReferenceCache:
+    """Reads and commits cache entries under ``root`` (local path or URI)."""
+
+    def __init__(self, root: str):
+        root = root if "://" in root else os.path.abspath(os.path.expanduser(root))
+        self.uri = root
+        self.fs, self.base = pafs.FileSystem.from_uri(root if "://" in root else root)
+        self.fs.create_dir(self.base, recursive=True)
+
+    def _uri(self, *parts: str) -> str:
+        inner = "/".join([self.base.rstrip("/"), *parts])
+        return inner if "://" not in self.uri else self.uri.split("://")[0] + "://" + inner
+
+    def entry(self, key: str) -> str:
+        return self._uri(key)
+
+    def manifest(self, key: str) -> dict | None:
+        path = f"{self.base}/{key}/manifest.json"
+        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        with self.fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+
+    def verify(self, key: str, manifest: dict) -> None:
+        """Every listed file present with the recorded size, sha256 and Parquet row count."""
+        total = 0
+        for entry in manifest["files"]:
+            path = f"{self.base}/{key}/{entry['path']}"
+            info = self.fs.get_file_info(path)
+            where = f"reference cache {self.entry(key)}: {entry['path']}"
+            if info.type == pafs.FileType.NotFound:
+                raise CacheCorrupt(f"{where} is missing")
+            if info.size != entry["bytes"]:
+                raise CacheCorrupt(f"{where} has {info.size} bytes, manifest says {entry['bytes']}")
+            with self.fs.open_input_stream(path) as f:
+                if _sha256_stream(f) != entry["sha256"]:
+                    raise CacheCorrupt(f"{where} content differs from its manifest checksum")
+            with self.fs.open_input_file(path) as f:
+                rows = pq.ParquetFile(f).metadata.num_rows
+            if rows != entry["rows"]:
+                raise CacheCorrupt(f"{where} has {rows} rows, manifest says {entry['rows']}")
+            total += rows
+        if total != manifest["rows"]:
+            raise CacheCorrupt(f"reference cache {self.entry(key)}: {total} rows in files, "
+                               f"manifest says {manifest['rows']}")
+
+    def load(self, key: str) -> tuple[ray.data.Dataset, dict] | None:
+        """The verified entry as a Dataset, or None when there is no committed entry."""
+        manifest = self.manifest(key)
+        if manifest is None:
+            return None
+        self.verify(key, manifest)
+        paths = [self._uri(key, e["path"]) for e in manifest["files"]]
+        return ray.data.read_parquet(paths), manifest
+
+    def quarantine(self, key: str) -> str:
+        """Move a corrupt entry aside (kept for inspection, never read again)."""
+        target = f"{self.base}/{key}.corrupt-{int(time.time())}"
+        self.fs.move(f"{self.base}/{key}", target)
+        return target
+
+    def commit(self, key: str, scored: ray.data.Dataset, inputs: dict, expected_rows: int) -> dict:
+        """Write ``scored`` into a new attempt directory, verify it, then write the manifest.
+
+        Raises if the written rows are not exactly one per ``pair_id`` and ``expected_rows`` of them.
+        """
+        attempt = f"attempt-{uuid.uuid4().hex[:12]}"
+        scored.write_parquet(self._uri(key, attempt))
+        selector = pafs.FileSelector(f"{self.base}/{key}/{attempt}", recursive=True)
+        files = sorted(i.path for i in self.fs.get_file_info(selector)
+                       if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+        entries, ids = [], []
+        for path in files:
+            with self.fs.open_input_file(path) as f:
+                table = pq.read_table(f, columns=["pair_id"])
+            with self.fs.open_input_stream(path) as f:
+                digest = _sha256_stream(f)
+            ids.extend(table.column("pair_id").to_pylist())
+            entries.append({"path": path[len(f"{self.base}/{key}/"):], "rows": table.num_rows,
+                            "bytes": self.fs.get_file_info(path).size, "sha256": digest})
+        if len(ids) != expected_rows or len(set(ids)) != len(ids):
+            raise RuntimeError(f"reference scoring wrote {len(ids)} rows ({len(set(ids))} distinct "
+                               f"pair_id) for {expected_rows} pairs; not committing {attempt}")
+        schema = pq.read_schema(self.fs.open_input_file(files[0])) if files else None
+        manifest = {
+            "key": key, "rows": len(ids), "files": entries, "inputs": inputs,
+            "schema": {f.name: str(f.type) for f in schema} if schema else {},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        tmp = f"{self.base}/{key}/.manifest-{uuid.uuid4().hex[:8]}.tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(json.dumps(manifest, indent=2).encode())
+        self.fs.move(tmp, f"{self.base}/{key}/manifest.json")  # the commit point
+        self._drop_other_attempts(key, keep=attempt)
+        return manifest
+
+    def _drop_other_attempts(self, key: str, keep: str) -> None:
+        for info in self.fs.get_file_info(pafs.FileSelector(f"{self.base}/{key}")):
+            name = info.path.rsplit("/", 1)[-1]
+            if info.type == pafs.FileType.Directory and name.startswith("attempt-") and name != keep:
+                self.fs.delete_dir(info.path)

@@ -1,0 +1,109 @@
+"""Score tokenized pairs with the frozen reference model on a Ray Data actor pool.
+
+Each actor loads the model once and computes ``ref_chosen_logps`` / ``ref_rejected_logps`` with
+``concatenated_forward`` -> ``sequence_logps``: the same functions the training workers run on the
+policy, so cached and live values cannot be computed differently.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import ray
+import torch
+from ray.data import ActorPoolStrategy
+
+from dpo_ray.logps import concatenated_forward, pad_sequences
+from dpo_ray.models import load_causal_lm, pick_device
+
+REFERENCE_COLUMNS = {
+    "ref_chosen_logps": pa.float64(),  # summed log-probs of the chosen response tokens
+    "ref_rejected_logps": pa.float64(),
+    "chosen_response_tokens": pa.int32(),  # how many tokens were summed
+    "rejected_response_tokens": pa.int32(),
+}
+COUNTER_NAME = "dpo_ray_reference_forward_counter"
+
+
+@ray.remote(num_cpus=0)
+class ForwardCounter:
+    """Counts reference forward passes and scored pairs across all actors and runs on a cluster,
+    so "a cache hit performs no reference forward pass" is counted, not inferred."""
+
+    def __init__(self) -> None:
+        self.forwards = self.pairs = 0
+
+    def add(self, forwards: int, pairs: int) -> None:
+        self.forwards += forwards
+        self.pairs += pairs
+
+    def get(self) -> dict:
+        return {"forwards": self.forwards, "pairs": self.pairs}
+
+
+COUNTER_NAMESPACE = "dpo_ray"
+
+
+def forward_counter():
+    """The cluster-wide counter (detached, so every driver and job on the cluster adds to the same
+    count, and a CLI run can be checked from another process; it costs no CPU while idle)."""
+    return ForwardCounter.options(name=COUNTER_NAME, namespace=COUNTER_NAMESPACE,
+                                  lifetime="detached", get_if_exists=True).remote()
+
+
+def forward_counts() -> dict:
+    return ray.get(forward_counter().get.remote())
+
+
+class ReferenceScorer:
+    """Ray Data callable class: tokenized-pairs batch -> the same batch + ``REFERENCE_COLUMNS``."""
+
+    def __init__(self, config):
+        self.cfg = config
+        self.device = pick_device(config.num_gpus_per_actor)
+        self.model = load_causal_lm(config.model, config.dtype, config.revision,
+                                    config.trust_remote_code, self.device).eval()
+        self.counter = ray.get_actor(COUNTER_NAME, namespace=COUNTER_NAMESPACE)
+
+    @torch.inference_mode()
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        chosen = batch.column("chosen_input_ids").to_pylist()
+        rejected = batch.column("rejected_input_ids").to_pylist()
+        prompt_lengths = batch.column("prompt_length").to_pylist()
+        n = len(chosen)
+        out = {name: [None] * n for name in REFERENCE_COLUMNS}
+        # Bucket by length inside the batch: neighbours in this order pad to similar widths.
+        order = sorted(range(n), key=lambda i: max(len(chosen[i]), len(rejected[i])))
+        forwards = 0
+        for start in range(0, n, self.cfg.micro_batch_size):
+            idx = order[start:start + self.cfg.micro_batch_size]
+            # Padding value is irrelevant: padded positions are masked and labelled -100.
+            c_ids, c_mask = pad_sequences([chosen[i] for i in idx], pad_id=0)
+            r_ids, r_mask = pad_sequences([rejected[i] for i in idx], pad_id=0)
+            result = concatenated_forward(
+                self.model, c_ids.to(self.device), c_mask.to(self.device), r_ids.to(self.device),
+                r_mask.to(self.device), torch.tensor([prompt_lengths[i] for i in idx],
+                                                     device=self.device), pad_id=0)
+            forwards += 1
+            for j, i in enumerate(idx):
+                out["ref_chosen_logps"][i] = float(result["chosen_logps"][j])
+                out["ref_rejected_logps"][i] = float(result["rejected_logps"][j])
+                out["chosen_response_tokens"][i] = int(result["chosen_tokens"][j])
+                out["rejected_response_tokens"][i] = int(result["rejected_tokens"][j])
+        ray.get(self.counter.add.remote(forwards, n))
+        for name, arrow_type in REFERENCE_COLUMNS.items():
+            batch = batch.append_column(name, pa.array(out[name], arrow_type))
+        return batch
+
+
+def score_pairs(pairs: ray.data.Dataset, config, scorer_cls=ReferenceScorer) -> ray.data.Dataset:
+    """Add reference columns to every pair on an actor pool sized by ``config`` (lazy)."""
+    forward_counter()  # make sure the named counter exists before actors look it up
+    return pairs.map_batches(
+        scorer_cls,
+        fn_constructor_args=(config,),
+        batch_format="pyarrow",
+        batch_size=config.batch_size,
+        compute=ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
+        num_cpus=config.num_cpus_per_actor,
+        num_gpus=config.num_gpus_per_actor,
+    )
