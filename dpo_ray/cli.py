@@ -1,4 +1,4 @@
-"""``dpo-ray`` command line: one subcommand per stage (data, reference; train, eval follow).
+"""``dpo-ray`` command line: one subcommand per stage (data, reference, train; eval follows).
 
 Each takes ``--config run.yaml`` (the stage reads its own section, e.g. ``data:``) and
 ``key=value`` overrides such as ``data.max_length=256``.
@@ -65,6 +65,20 @@ def _reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from dpo_ray.train import train
+
+    config = load_config(RunConfig, args.config, _overrides(args))
+    from dpo_ray.ray_env import init_ray
+
+    init_ray(args.address)
+    result = train(config)
+    last = result.metrics[-1] if result.metrics else {}
+    print(json.dumps({"run_dir": str(result.run_dir), "final_model": str(result.final_model),
+                      **{k: last[k] for k in ("step", "loss", "rewards/accuracies") if k in last}}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo-ray", description=__doc__.splitlines()[0])
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
@@ -89,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--output", help="write config.yaml and reference.json (cache key, path) here")
     ref.add_argument("overrides", nargs="*", help="key=value, e.g. reference.max_actors=4")
     ref.set_defaults(run=_reference)
+
+    tr = sub.add_parser("train", help="DPO on Ray Train (computes the reference cache if missing)")
+    tr.add_argument("--config", help="YAML file with data:, reference: and train: sections")
+    tr.add_argument("--data", help="shortcut for data.source")
+    tr.add_argument("--model", help="shortcut for reference.model (policy starts from it)")
+    tr.add_argument("--tokenizer", help="shortcut for data.tokenizer")
+    tr.add_argument("overrides", nargs="*", help="key=value, e.g. train.beta=0.1 train.num_workers=2")
+    tr.set_defaults(run=_train)
     return parser
 
 
@@ -100,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {bad}\n(set data.on_bad_row=skip to drop and count such rows)",
               file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -95,18 +95,43 @@ class ReferenceConfig:
 
 @dataclass(config=_STRICT)
 class TrainConfig:
-    """DPO objective and optimisation. Names follow TRL's ``DPOConfig``. None of these are inputs
-    of the reference cache: changing them reuses the cached reference values."""
+    """DPO objective, optimisation, Ray Train scaling and the run directory. Names follow TRL's
+    ``DPOConfig`` where the meaning is the same. None of these are inputs of the reference cache:
+    changing them reuses the cached reference values."""
 
+    # The policy's starting weights; None = the reference model (the usual DPO set-up).
+    model: str | None = None
     beta: float = 0.1
     loss_type: Literal["sigmoid", "robust", "hinge", "ipo", "ipo_length_normalized"] = "sigmoid"
     label_smoothing: float = 0.0
     rpo_alpha: float = 0.0  # weight of the SFT (NLL on chosen) term
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"  # the DPO paper used RMSprop
     learning_rate: float = 5e-7
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = "linear"
     num_train_epochs: int = 1
+    max_steps: int = -1  # > 0 stops after this many optimizer steps
     per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     seed: int = 0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    # Ray Train
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+    # Run directory: <output_dir>/<run_name>; a new name per run unless resuming explicitly.
+    output_dir: str = "runs"
+    run_name: str | None = None  # default: dpo-<timestamp>
+    resume: bool = False  # continue the run named run_name from its latest checkpoint
+    logging_steps: int = 1
+    save_steps: int = 0  # 0 = only at the end
+    save_total_limit: int | None = 2
+    # Step-0 guard: when policy == reference weights, the first loss must be ln 2 (+- this).
+    step0_tolerance: float = 1e-3
 
 
 @dataclass(config=_STRICT)

@@ -98,7 +98,9 @@ class ReferenceScorer:
 def score_pairs(pairs: ray.data.Dataset, config, scorer_cls=ReferenceScorer) -> ray.data.Dataset:
     """Add reference columns to every pair on an actor pool sized by ``config`` (lazy)."""
     forward_counter()  # make sure the named counter exists before actors look it up
-    return pairs.map_batches(
+    # An actor processes whole blocks; a single-file source is one block, which would leave all
+    # but one actor idle. Blocks of one batch each spread the work over the pool.
+    return pairs.repartition(target_num_rows_per_block=config.batch_size).map_batches(
         scorer_cls,
         fn_constructor_args=(config,),
         batch_format="pyarrow",

@@ -1,0 +1,144 @@
+"""Driver side of training: run directory, reference cache, ``TorchTrainer``, final artifacts.
+
+    from dpo_ray.train import train
+    result = train(run_config)          # or: dpo-ray train --config run.yaml key=value ...
+
+Run directory ``<train.output_dir>/<train.run_name>`` holds ``config.yaml`` (resolved),
+``reference.json`` (cache key and path), ``versions.json``, ``metrics.jsonl``, ``metrics.png``,
+Ray Train's checkpoints under ``ray_train/`` and the final model in ``final_model/``.
+A new run never resumes an old one: an existing run directory is an error unless
+``train.resume=true``, which continues it from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.data import DataContext
+from ray.train.torch import TorchTrainer
+
+from dpo_ray.config import RunConfig, save_config
+from dpo_ray.reference import ensure_reference
+from dpo_ray.reference.cache import model_fingerprint
+from dpo_ray.train.collate import TRAIN_COLUMNS
+from dpo_ray.train.loop import train_loop_per_worker
+
+RAY_TRAIN_NAME = "ray_train"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_model: Path
+    metrics: list[dict]
+    reference_key: str
+
+
+def _run_dir(config: RunConfig) -> Path:
+    t = config.train
+    name = t.run_name or time.strftime("dpo-%Y%m%d-%H%M%S")
+    run_dir = Path(t.output_dir).expanduser().absolute() / name
+    if t.resume and not (run_dir / RAY_TRAIN_NAME).exists():
+        raise FileNotFoundError(f"train.resume=true but {run_dir} has no run to resume")
+    if not t.resume and run_dir.exists():
+        raise FileExistsError(f"{run_dir} exists: set train.resume=true to continue that run, "
+                              "or choose another train.run_name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl, one entry per step (a step re-run after a restart keeps its last record)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    by_step = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        record = json.loads(line)
+        by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_metrics(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",
+            "grad_norm"]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    steps = [m["step"] for m in metrics]
+    for ax, key in zip(axes.flat, keys):
+        ax.plot(steps, [m[key] for m in metrics], marker=".")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def train(config: RunConfig, source=None) -> TrainResult:
+    from dpo_ray.ray_env import init_ray
+
+    init_ray()
+    t = config.train
+    run_dir = _run_dir(config)
+    save_config(config, run_dir / "config.yaml")
+    (run_dir / "versions.json").write_text(json.dumps(
+        {pkg: version(pkg) for pkg in ("dpo-ray", "ray", "torch", "transformers", "datasets")}, indent=2))
+
+    reference = ensure_reference(config.data, config.reference, source)
+    (run_dir / "reference.json").write_text(json.dumps(
+        {"key": reference.key, "path": reference.path, "rows": reference.rows}, indent=2))
+    policy = t.model or config.reference.model
+    global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_workers
+    if reference.rows < global_batch:
+        raise ValueError(f"{reference.rows} pairs is less than one global batch ({global_batch} = "
+                         "per_device_train_batch_size x gradient_accumulation_steps x num_workers)")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer)
+    meta = {
+        "pairs": reference.rows,
+        "policy": policy,
+        "policy_is_reference": model_fingerprint(policy, None) == model_fingerprint(
+            config.reference.model, config.reference.revision),
+        "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        "tokenizer": config.data.tokenizer,
+        "run_dir": str(run_dir),
+        "shuffle_buffer": max(global_batch * 4, 64),
+    }
+    # Every worker iterates the whole dataset in the same order (see train/collate.py).
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": config, "meta": meta},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=RAY_TRAIN_NAME, storage_path=str(run_dir),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.save_total_limit)),
+        datasets={"train": reference.dataset.select_columns(TRAIN_COLUMNS)},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[],
+                                            execution_options=ctx.execution_options),
+    )
+    result = trainer.fit()
+    final = run_dir / "final_model"
+    if final.exists():
+        shutil.rmtree(final)
+    with result.checkpoint.as_directory() as folder:
+        shutil.copytree(folder, final, ignore=shutil.ignore_patterns("trainer_state.pt"))
+    metrics = read_metrics(run_dir)
+    if metrics:
+        plot_metrics(metrics, run_dir / "metrics.png")
+    print(f"run directory: {run_dir}\nfinal model: {final}", flush=True)
+    return TrainResult(run_dir, final, metrics, reference.key)
