@@ -130,7 +130,8 @@ class TrainConfig:
     logging_steps: int = 1
     save_steps: int = 0  # 0 = only at the end
     save_total_limit: int | None = 2
-    # Step-0 guard: when policy == reference weights, the first loss must be ln 2 (+- this).
+    # Step-0 guard: when policy == reference weights, every |logp_policy - logp_ref| (nats) and,
+    # for the sigmoid loss, |loss - ln 2| must be within this at the first step.
     step0_tolerance: float = 1e-3
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from dpo_ray.config import DataConfig, ReferenceConfig, RunConfig, TrainConfig
 from dpo_ray.train import train
+from dpo_ray.train.trainer import latest_checkpoint
 
 
 def run_config(hh_path, model, tmp_path, name, pairs=16, **train_kw):
@@ -70,3 +71,88 @@ def test_new_run_with_same_name_is_refused(overfit):
     config, _ = overfit
     with pytest.raises(FileExistsError, match="resume"):
         train(config)
+
+
+def test_one_and_two_workers_same_global_batch_give_the_same_steps(ray_session, hh_path,
+                                                                    tiny_llama, tmp_path):
+    common = dict(pairs=16, max_steps=2, learning_rate=1e-3, lr_scheduler_type="constant")
+    one = train(run_config(hh_path, tiny_llama, tmp_path, "one", num_workers=1,
+                           per_device_train_batch_size=4, **common))
+    two = train(run_config(hh_path, tiny_llama, tmp_path, "two", num_workers=2,
+                           per_device_train_batch_size=2, **common))
+    for a, b in zip(one.metrics, two.metrics):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)  # same first gradients
+    assert one.metrics[1]["loss"] != pytest.approx(math.log(2), abs=1e-4)  # step 2 saw an update
+    w1, w2 = weights(one.final_model), weights(two.final_model)
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+
+
+def test_step0_guard_rejects_reference_values_from_another_computation(ray_session, hh_path,
+                                                                       tiny_llama, tmp_path):
+    config = run_config(hh_path, tiny_llama, tmp_path, "guard", max_steps=1,
+                        per_device_train_batch_size=2)
+    config.reference.dtype = "bfloat16"  # same weights, other numerics: logps no longer match
+    with pytest.raises(Exception, match="step-0 guard"):
+        train(config)
+
+
+RESUME = dict(pairs=16, per_device_train_batch_size=2, num_train_epochs=2,
+              learning_rate=1e-3, lr_scheduler_type="constant", max_steps=6)  # 4 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, hh_path, tiny_llama, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    return train(run_config(hh_path, tiny_llama, tmp, "full", **RESUME))
+
+
+def assert_same_run(result, reference_run):
+    assert [m["step"] for m in result.metrics] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(result.metrics, reference_run.metrics):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["step"]
+    state = torch.load(latest_checkpoint(result.run_dir) / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 6  # optimizer steps, and so pairs consumed (6 x global batch 4)
+    assert state["scheduler"]["last_epoch"] == 6
+    w, ref = weights(result.final_model), weights(reference_run.final_model)
+    assert all(torch.allclose(w[k], ref[k], atol=1e-6) for k in w)
+
+
+def test_stop_and_resume_continues_mid_epoch_with_the_same_data(uninterrupted, hh_path,
+                                                                tiny_llama, tmp_path):
+    stopped = train(run_config(hh_path, tiny_llama, tmp_path, "part",
+                               **{**RESUME, "max_steps": 3}))  # stops mid-epoch 1
+    assert [m["step"] for m in stopped.metrics] == [1, 2, 3]
+    resumed = train(run_config(hh_path, tiny_llama, tmp_path, "part", resume=True, **RESUME))
+    assert_same_run(resumed, uninterrupted)
+
+
+def test_killed_worker_restarts_from_checkpoint_and_matches(uninterrupted, hh_path, tiny_llama,
+                                                            tmp_path):
+    import threading
+    import time
+
+    import psutil
+
+    config = run_config(hh_path, tiny_llama, tmp_path, "fault", max_failures=1, save_steps=1,
+                        **RESUME)
+    metrics = tmp_path / "runs" / "fault" / "metrics.jsonl"
+    killed = []
+
+    def kill_a_worker_at_step_3():
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            if metrics.exists() and any(json.loads(l)["step"] >= 3 for l in metrics.read_text().splitlines()):
+                for proc in psutil.process_iter(["cmdline"]):
+                    if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
+                        proc.kill()
+                        killed.append(proc.pid)
+                        return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_a_worker_at_step_3, daemon=True)
+    watcher.start()
+    result = train(config)
+    watcher.join(timeout=5)
+    assert killed, "no train worker was killed"
+    assert_same_run(result, uninterrupted)

@@ -51,13 +51,16 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = _optimizer(policy.parameters(), t)
     scheduler = _scheduler(optimizer, t, total_steps)
 
-    # 2. Restore: weights, optimizer, schedule, RNG and the data position (a step counter).
+    # 2. Restore: weights, optimizer, schedule, RNG and the data position (a step counter), from
+    #    this attempt's latest checkpoint after a failure, else from the run being resumed.
     step = 0
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and meta["resume_from"]:
+        checkpoint = ray.train.Checkpoint(meta["resume_from"])
     if checkpoint:
         with checkpoint.as_directory() as folder:
             step = _restore(folder, policy, optimizer, scheduler)
-        print(f"[rank {rank}] resumed at step {step}", flush=True)
+        print(f"[rank {rank}] restored step {step} from {checkpoint.path}", flush=True)
 
     # 3. Every rank reads the same global batches; RankPairCollate keeps rows rank::world.
     shard = ray.train.get_dataset_shard("train")
@@ -77,6 +80,7 @@ def train_loop_per_worker(config: dict) -> None:
 
             # 4. Forward + backward over the micro-batches; gradients sync on the last one only.
             sums = torch.zeros(len(_SUMS), dtype=torch.float64)
+            max_abs_logratio = 0.0  # |logp_policy - logp_ref|, largest over pairs (step-0 guard)
             fingerprint = int(micro_batches[0].pop("global_batch_crc"))
             for i, batch in enumerate(micro_batches):
                 batch = {k: v.to(device) for k, v in batch.items()}
@@ -96,10 +100,14 @@ def train_loop_per_worker(config: dict) -> None:
                     # is that of the mean loss over the global batch, for any world size.
                     (losses.sum() / (global_batch // world)).backward()
                 sums += _batch_sums(losses, chosen_rewards, rejected_rewards, out, batch)
+                max_abs_logratio = max(max_abs_logratio, float(torch.cat([
+                    out["chosen_logps"].detach() - batch["ref_chosen_logps"],
+                    out["rejected_logps"].detach() - batch["ref_rejected_logps"]]).abs().max()))
 
             # 5. Metrics averaged over workers; the step-0 guard before anything is updated.
             totals = _all_reduce(sums, device)
             metrics = _means(totals)
+            metrics["max_abs_logratio"] = _all_max(max_abs_logratio, device)
             if world > 1 and not _same_on_all_ranks(fingerprint, device):
                 raise RuntimeError("ranks disagree on the global batch: the data order is not "
                                    "shared, so pairs would be skipped or repeated")
@@ -163,6 +171,14 @@ def _all_reduce(sums: torch.Tensor, device) -> list[float]:
     return sums.tolist()
 
 
+def _all_max(value: float, device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor[0])
+
+
 def _same_on_all_ranks(value: int, device) -> bool:
     both = torch.tensor([value, -value], dtype=torch.float64, device=device)
     dist.all_reduce(both, op=dist.ReduceOp.MAX)  # -> [max, -min]
@@ -175,14 +191,17 @@ def _means(totals: list[float]) -> dict[str, float]:
 
 
 def _step0_guard(metrics: dict, t) -> None:
-    """Policy == reference at step 0, so every implicit reward is 0 and the sigmoid loss ln 2.
-    Anything else means the cached values do not belong to this policy or tokenization."""
+    """Policy == reference at step 0, so every log-ratio (hence reward) is 0 and the sigmoid loss
+    ln 2. Anything else means the cached values do not belong to this policy or tokenization.
+    The log-ratio is checked directly: through beta, rewards would hide a mismatch when beta is small.
+    """
     problems = []
     if t.loss_type == "sigmoid" and abs(metrics["loss"] - math.log(2)) > t.step0_tolerance:
         problems.append(f"loss {metrics['loss']:.6f} != ln 2 = 0.693147")
-    for key in ("rewards/chosen", "rewards/rejected"):
-        if abs(metrics[key]) > t.step0_tolerance:
-            problems.append(f"{key} {metrics[key]:.6f} != 0")
+    if metrics["max_abs_logratio"] > t.step0_tolerance:
+        problems.append(f"|logp_policy - logp_ref| reaches {metrics['max_abs_logratio']:.6f} "
+                        f"(rewards/chosen {metrics['rewards/chosen']:.6f}, "
+                        f"rewards/rejected {metrics['rewards/rejected']:.6f}), expected 0")
     if problems and not t.bf16:  # bf16 autocast differs from the fp32 reference by design
         raise RuntimeError("step-0 guard: the policy starts from the reference weights but "
                            + "; ".join(problems) + ". The cached reference values do not match "
@@ -210,6 +229,7 @@ def _save(folder, policy, optimizer, scheduler, step, meta) -> None:
 
     policy.save_pretrained(folder, safe_serialization=True)
     AutoTokenizer.from_pretrained(meta["tokenizer"]).save_pretrained(folder)
+    Path(folder, "dpo_state.json").write_text(json.dumps({"step": step}))
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                         "python": random.getstate()}},

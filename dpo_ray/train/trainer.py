@@ -41,12 +41,19 @@ class TrainResult:
     reference_key: str
 
 
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the highest step among all attempts of a run (``dpo_state.json``)."""
+    found = [(json.loads(p.read_text())["step"], p.parent)
+             for p in Path(run_dir).glob(f"{RAY_TRAIN_NAME}*/checkpoint_*/dpo_state.json")]
+    return max(found)[1] if found else None
+
+
 def _run_dir(config: RunConfig) -> Path:
     t = config.train
     name = t.run_name or time.strftime("dpo-%Y%m%d-%H%M%S")
     run_dir = Path(t.output_dir).expanduser().absolute() / name
-    if t.resume and not (run_dir / RAY_TRAIN_NAME).exists():
-        raise FileNotFoundError(f"train.resume=true but {run_dir} has no run to resume")
+    if t.resume and latest_checkpoint(run_dir) is None:
+        raise FileNotFoundError(f"train.resume=true but {run_dir} has no checkpoint to resume from")
     if not t.resume and run_dir.exists():
         raise FileExistsError(f"{run_dir} exists: set train.resume=true to continue that run, "
                               "or choose another train.run_name")
@@ -114,6 +121,14 @@ def train(config: RunConfig, source=None) -> TrainResult:
         "run_dir": str(run_dir),
         "shuffle_buffer": max(global_batch * 4, 64),
     }
+    # Resuming starts a new Ray Train attempt from the run's latest checkpoint, explicitly: a
+    # reused Ray Train name would silently pick up (or skip) the old attempt's state.
+    resume_from, attempt = None, RAY_TRAIN_NAME
+    if t.resume:
+        resume_from = latest_checkpoint(run_dir)
+        attempt = f"{RAY_TRAIN_NAME}-resume-{len(list(run_dir.glob(RAY_TRAIN_NAME + '*')))}"
+        print(f"resuming {run_dir} from {resume_from}", flush=True)
+    meta["resume_from"] = str(resume_from) if resume_from else None  # Train V2: via the config
     # Every worker iterates the whole dataset in the same order (see train/collate.py).
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True
@@ -124,7 +139,7 @@ def train(config: RunConfig, source=None) -> TrainResult:
             num_workers=t.num_workers, use_gpu=t.use_gpu,
             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=RAY_TRAIN_NAME, storage_path=str(run_dir),
+            name=attempt, storage_path=str(run_dir),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.save_total_limit)),
         datasets={"train": reference.dataset.select_columns(TRAIN_COLUMNS)},
@@ -136,7 +151,7 @@ def train(config: RunConfig, source=None) -> TrainResult:
     if final.exists():
         shutil.rmtree(final)
     with result.checkpoint.as_directory() as folder:
-        shutil.copytree(folder, final, ignore=shutil.ignore_patterns("trainer_state.pt"))
+        shutil.copytree(folder, final, ignore=shutil.ignore_patterns("trainer_state.pt", "dpo_state.json"))
     metrics = read_metrics(run_dir)
     if metrics:
         plot_metrics(metrics, run_dir / "metrics.png")
