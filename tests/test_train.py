@@ -156,3 +156,20 @@ def test_killed_worker_restarts_from_checkpoint_and_matches(uninterrupted, hh_pa
     watcher.join(timeout=5)
     assert killed, "no train worker was killed"
     assert_same_run(result, uninterrupted)
+
+
+def test_smollm2_short_run_saves_a_model_that_reloads_and_generates(ray_session, hh_path, smollm2,
+                                                                    tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = run_config(hh_path, smollm2, tmp_path, "smollm2", pairs=32, max_steps=2,
+                        per_device_train_batch_size=4, learning_rate=1e-5)
+    result = train(config)
+    assert [m["step"] for m in result.metrics] == [1, 2]
+    assert result.metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    model = AutoModelForCausalLM.from_pretrained(result.final_model)
+    tok = AutoTokenizer.from_pretrained(result.final_model)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    out = model.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=8, do_sample=False)
+    assert "Paris" in tok.decode(out[0], skip_special_tokens=True)

@@ -123,6 +123,7 @@ def train_loop_per_worker(config: dict) -> None:
 
             elapsed = time.perf_counter() - started
             metrics.update({"grad_norm": float(grad_norm), "learning_rate": scheduler.get_last_lr()[0],
+                            "peak_memory_mb": _all_max(_peak_memory_mb(device), device),
                             "epoch": step / steps_per_epoch, "step": step,
                             "pairs_per_second": totals[_SUMS.index("pairs")] / elapsed,
                             "tokens_per_second": totals[_SUMS.index("tokens")] / elapsed})
@@ -169,6 +170,15 @@ def _all_reduce(sums: torch.Tensor, device) -> list[float]:
         dist.all_reduce(summed)
         return summed.cpu().tolist()
     return sums.tolist()
+
+
+def _peak_memory_mb(device) -> float:
+    """Peak memory of this worker: GPU allocations on CUDA, else the process's max RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _all_max(value: float, device) -> float:
