@@ -35,7 +35,7 @@ def weights(folder):
 def overfit(ray_session, hh_path, tiny_llama, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("overfit")
     config = run_config(hh_path, tiny_llama, tmp, "overfit", pairs=16, learning_rate=3e-3,
-                        per_device_train_batch_size=4, num_train_epochs=12, beta=0.1,
+                        per_device_train_batch_size=4, num_train_epochs=8, beta=0.1,
                         lr_scheduler_type="constant", save_steps=0)
     return config, train(config)
 
