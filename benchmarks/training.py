@@ -35,7 +35,7 @@ def main() -> None:
     from dpo_ray.assets import smollm2_path, tiny_model
     from dpo_ray.config import DataConfig, ReferenceConfig, RunConfig, TrainConfig
     from dpo_ray.ray_env import init_ray
-    from dpo_ray.train import train
+    from dpo_ray.training import train
 
     init_ray()
     work = Path(tempfile.mkdtemp(prefix="dpo-bench-"))

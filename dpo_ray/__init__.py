@@ -1,8 +1,20 @@
 """dpo_ray: Direct Preference Optimization on Ray.
 
-Data flow (one module per stage): ``data`` (pairs -> token ids) -> ``reference`` (cached
-reference log-probs) -> ``train`` (Ray Train DPO) -> ``eval`` (win rates) -> ``jobs``.
+Data flow (one package per stage): ``data`` (pairs -> token ids) -> ``reference`` (cached
+reference log-probs) -> ``training`` (Ray Train DPO) -> ``eval`` (win rates) -> ``jobs``.
 The math lives in ``logps`` (sequence log-probs) and ``losses`` (DPO-family losses).
+
+    import dpo_ray
+    result = dpo_ray.train(run_config)   # dpo_ray.config.RunConfig
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy, so that `import dpo_ray` (e.g. for the config classes) does not start torch and Ray.
+    if name == "train":
+        from dpo_ray.training import train
+
+        return train
+    raise AttributeError(f"module 'dpo_ray' has no attribute {name!r}")

@@ -66,7 +66,7 @@ def _reference(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dpo_ray.train import train
+    from dpo_ray.training import train
 
     config = load_config(RunConfig, args.config, _overrides(args))
     from dpo_ray.ray_env import init_ray

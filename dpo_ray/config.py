@@ -118,6 +118,12 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = False
     gradient_checkpointing: bool = False
+    disable_dropout: bool = True  # as TRL: dropout would make policy and reference differ at step 0
+    # Held-out evaluation: this share of pairs (chosen by pair_id hash: stable and disjoint from
+    # training) is scored every eval_steps (0 = at the end only) with its cached reference values.
+    eval_fraction: float = 0.0
+    eval_steps: int = 0
+    per_device_eval_batch_size: int = 8
     # Ray Train
     num_workers: int = 2
     use_gpu: bool = False

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from dpo_ray.config import DataConfig, ReferenceConfig, RunConfig, TrainConfig
-from dpo_ray.train import train
-from dpo_ray.train.trainer import latest_checkpoint
+from dpo_ray.training import train
+from dpo_ray.training.trainer import latest_checkpoint
 
 
 def run_config(hh_path, model, tmp_path, name, pairs=16, **train_kw):
@@ -34,9 +34,10 @@ def weights(folder):
 @pytest.fixture(scope="module")
 def overfit(ray_session, hh_path, tiny_llama, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("overfit")
-    config = run_config(hh_path, tiny_llama, tmp, "overfit", pairs=16, learning_rate=3e-3,
+    config = run_config(hh_path, tiny_llama, tmp, "overfit", pairs=24, learning_rate=3e-3,
                         per_device_train_batch_size=4, num_train_epochs=8, beta=0.1,
-                        lr_scheduler_type="constant", save_steps=0)
+                        lr_scheduler_type="constant", save_steps=0, eval_fraction=0.25,
+                        eval_steps=4)
     return config, train(config)
 
 
@@ -48,6 +49,9 @@ def test_two_worker_training_overfits_a_small_subset(overfit, tiny_llama):
     assert metrics[0]["rewards/chosen"] == pytest.approx(0, abs=1e-3)
     assert metrics[-1]["rewards/accuracies"] > 0.9
     assert metrics[-1]["rewards/margins"] > metrics[len(metrics) // 2]["rewards/margins"] > 0
+    evaluated = [m for m in metrics if "eval_loss" in m]
+    assert [m["step"] for m in evaluated] == list(range(4, len(metrics) + 1, 4))
+    assert evaluated[0]["eval_rewards/chosen"] != 0  # held-out pairs scored on cached values
     before, after = weights(tiny_llama), weights(result.final_model)
     assert any(not torch.equal(before[k], after[k]) for k in after)
     for name in ("config.yaml", "reference.json", "versions.json", "metrics.jsonl", "metrics.png"):
@@ -55,6 +59,18 @@ def test_two_worker_training_overfits_a_small_subset(overfit, tiny_llama):
     assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
             "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "epoch", "step",
             "tokens_per_second", "pairs_per_second"} <= set(metrics[-1])
+
+
+def test_held_out_split_is_stable_disjoint_and_roughly_the_asked_share():
+    import hashlib
+
+    from dpo_ray.training.trainer import is_held_out
+
+    ids = [hashlib.sha256(str(i).encode()).hexdigest()[:32] for i in range(4000)]
+    held = [i for i in ids if is_held_out(i, 0.1)]
+    assert 0.08 < len(held) / len(ids) < 0.12
+    assert held == [i for i in ids if is_held_out(i, 0.1)]  # same pairs every time
+    assert not any(is_held_out(i, 0.0) for i in ids) and all(is_held_out(i, 1.0) for i in ids)
 
 
 def test_final_model_loads_in_plain_transformers_and_generates(overfit):

@@ -1,6 +1,6 @@
 """Driver side of training: run directory, reference cache, ``TorchTrainer``, final artifacts.
 
-    from dpo_ray.train import train
+    from dpo_ray.training import train
     result = train(run_config)          # or: dpo-ray train --config run.yaml key=value ...
 
 Run directory ``<train.output_dir>/<train.run_name>`` holds ``config.yaml`` (resolved),
@@ -27,8 +27,8 @@ from ray.train.torch import TorchTrainer
 from dpo_ray.config import RunConfig, save_config
 from dpo_ray.reference import ensure_reference
 from dpo_ray.reference.cache import model_fingerprint
-from dpo_ray.train.collate import TRAIN_COLUMNS
-from dpo_ray.train.loop import train_loop_per_worker
+from dpo_ray.training.collate import TRAIN_COLUMNS
+from dpo_ray.training.loop import train_loop_per_worker
 
 RAY_TRAIN_NAME = "ray_train"
 
@@ -39,6 +39,19 @@ class TrainResult:
     final_model: Path
     metrics: list[dict]
     reference_key: str
+
+
+def is_held_out(pair_id: str, fraction: float) -> bool:
+    """A pair is held out iff the first 32 bits of its content hash fall below ``fraction``:
+    the same pairs in every run, and never in both splits."""
+    return int(pair_id[:8], 16) < fraction * 16**8
+
+
+def split_train_eval(dataset: ray.data.Dataset, fraction: float) -> dict[str, ray.data.Dataset]:
+    if fraction <= 0:
+        return {"train": dataset}
+    return {"train": dataset.filter(lambda row: not is_held_out(row["pair_id"], fraction)),
+            "eval": dataset.filter(lambda row: is_held_out(row["pair_id"], fraction))}
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -104,15 +117,17 @@ def train(config: RunConfig, source=None) -> TrainResult:
     (run_dir / "reference.json").write_text(json.dumps(
         {"key": reference.key, "path": reference.path, "rows": reference.rows}, indent=2))
     policy = t.model or config.reference.model
+    datasets = split_train_eval(reference.dataset.select_columns(TRAIN_COLUMNS), t.eval_fraction)
+    train_pairs = datasets["train"].count() if t.eval_fraction > 0 else reference.rows
     global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_workers
-    if reference.rows < global_batch:
-        raise ValueError(f"{reference.rows} pairs is less than one global batch ({global_batch} = "
-                         "per_device_train_batch_size x gradient_accumulation_steps x num_workers)")
+    if train_pairs < global_batch:
+        raise ValueError(f"{train_pairs} training pairs is less than one global batch ({global_batch}"
+                         " = per_device_train_batch_size x gradient_accumulation_steps x num_workers)")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer)
     meta = {
-        "pairs": reference.rows,
+        "pairs": train_pairs,
         "policy": policy,
         "policy_is_reference": model_fingerprint(policy, None) == model_fingerprint(
             config.reference.model, config.reference.revision),
@@ -120,6 +135,7 @@ def train(config: RunConfig, source=None) -> TrainResult:
         "tokenizer": config.data.tokenizer,
         "run_dir": str(run_dir),
         "shuffle_buffer": max(global_batch * 4, 64),
+        "datasets": sorted(datasets),
     }
     # Resuming starts a new Ray Train attempt from the run's latest checkpoint, explicitly: a
     # reused Ray Train name would silently pick up (or skip) the old attempt's state.
@@ -129,7 +145,7 @@ def train(config: RunConfig, source=None) -> TrainResult:
         attempt = f"{RAY_TRAIN_NAME}-resume-{len(list(run_dir.glob(RAY_TRAIN_NAME + '*')))}"
         print(f"resuming {run_dir} from {resume_from}", flush=True)
     meta["resume_from"] = str(resume_from) if resume_from else None  # Train V2: via the config
-    # Every worker iterates the whole dataset in the same order (see train/collate.py).
+    # Every worker iterates the whole dataset in the same order (see training/collate.py).
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True
     trainer = TorchTrainer(
@@ -142,7 +158,7 @@ def train(config: RunConfig, source=None) -> TrainResult:
             name=attempt, storage_path=str(run_dir),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.save_total_limit)),
-        datasets={"train": reference.dataset.select_columns(TRAIN_COLUMNS)},
+        datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[],
                                             execution_options=ctx.execution_options),
     )

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from dpo_ray.logps import concatenated_forward
 from dpo_ray.losses import preference_loss
 from dpo_ray.models import load_causal_lm
-from dpo_ray.train.collate import RankPairCollate
+from dpo_ray.training.collate import RankPairCollate
 
 STATE_FILE = "trainer_state.pt"
 _SUMS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -46,6 +46,11 @@ def train_loop_per_worker(config: dict) -> None:
     policy = load_causal_lm(meta["policy"], "float32", trust_remote_code=run.reference.trust_remote_code)
     if t.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
+    if t.disable_dropout:
+        for module in policy.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    policy.train()
     model = ray.train.torch.prepare_model(policy)
     device = ray.train.torch.get_device()
     optimizer = _optimizer(policy.parameters(), t)
@@ -129,7 +134,12 @@ def train_loop_per_worker(config: dict) -> None:
                             "tokens_per_second": totals[_SUMS.index("tokens")] / elapsed})
             started = time.perf_counter()
 
-            # 7. Report (a barrier: every rank, same steps); rank 0 logs and writes checkpoints.
+            # 7. Held-out evaluation on its cached reference values (same steps on every rank).
+            if "eval" in meta["datasets"] and (step == total_steps or (
+                    t.eval_steps > 0 and step % t.eval_steps == 0)):
+                metrics.update(_evaluate(policy, rank, world, t, meta, device))
+
+            # 8. Report (a barrier: every rank, same steps); rank 0 logs and writes checkpoints.
             save = step == total_steps or (t.save_steps > 0 and step % t.save_steps == 0)
             if save or step % t.logging_steps == 0:
                 if rank == 0:
@@ -137,6 +147,33 @@ def train_loop_per_worker(config: dict) -> None:
                         f.write(json.dumps(metrics) + "\n")
                     print(_progress(metrics, total_steps), flush=True)
                 _report(metrics, save and rank == 0, policy, optimizer, scheduler, step, meta)
+
+
+@torch.no_grad()
+def _evaluate(policy, rank, world, t, meta, device) -> dict[str, float]:
+    """``eval_``-prefixed metrics over the whole held-out split (rows rank::world per batch).
+    The policy module itself runs (not the DDP wrapper): no gradients, nothing to synchronise."""
+    policy.eval()
+    sums = torch.zeros(len(_SUMS), dtype=torch.float64)
+    collate = RankPairCollate(rank, world, 1, meta["pad_id"])
+    batches = ray.train.get_dataset_shard("eval").iter_torch_batches(
+        batch_size=t.per_device_eval_batch_size * world, collate_fn=collate)
+    for micro_batches in batches:
+        for batch in micro_batches:
+            batch.pop("global_batch_crc", None)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = concatenated_forward(
+                policy, batch["chosen_input_ids"], batch["chosen_attention_mask"],
+                batch["rejected_input_ids"], batch["rejected_attention_mask"],
+                batch["prompt_lengths"], meta["pad_id"])
+            losses, chosen_rewards, rejected_rewards = preference_loss(
+                out["chosen_logps"], out["rejected_logps"], batch["ref_chosen_logps"],
+                batch["ref_rejected_logps"], t.beta, t.loss_type, t.label_smoothing,
+                out["chosen_tokens"], out["rejected_tokens"], t.rpo_alpha)
+            sums += _batch_sums(losses, chosen_rewards, rejected_rewards, out, batch)
+    policy.train()
+    totals = _all_reduce(sums, device)
+    return {f"eval_{k}": v for k, v in _means(totals).items()}
 
 
 def _optimizer(params, t):
@@ -197,6 +234,8 @@ def _same_on_all_ranks(value: int, device) -> bool:
 
 def _means(totals: list[float]) -> dict[str, float]:
     pairs = totals[_SUMS.index("pairs")]
+    if not pairs:
+        return {}
     return {name: totals[i] / pairs for i, name in enumerate(_SUMS[:7])}
 
 
