@@ -132,7 +132,6 @@ def train_loop_per_worker(config: dict) -> None:
                             "epoch": step / steps_per_epoch, "step": step,
                             "pairs_per_second": totals[_SUMS.index("pairs")] / elapsed,
                             "tokens_per_second": totals[_SUMS.index("tokens")] / elapsed})
-            started = time.perf_counter()
 
             # 7. Held-out evaluation on its cached reference values (same steps on every rank).
             if "eval" in meta["datasets"] and (step == total_steps or (
@@ -147,6 +146,7 @@ def train_loop_per_worker(config: dict) -> None:
                         f.write(json.dumps(metrics) + "\n")
                     print(_progress(metrics, total_steps), flush=True)
                 _report(metrics, save and rank == 0, policy, optimizer, scheduler, step, meta)
+            started = time.perf_counter()  # throughput counts training, not eval or checkpoints
 
 
 @torch.no_grad()
