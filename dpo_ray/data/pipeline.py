@@ -58,10 +58,11 @@ class DataReport:
         return "\n".join(lines)
 
 
-def _mark_duplicates(stats) -> None:
+def _mark_duplicates(stats):
     """A pair_id seen before (in source order) is a ``duplicate_pair``: the reference cache holds
-    one row per pair_id, and a silently doubled pair would weigh twice in training."""
-    stats.sort_values(["source_file", "source_row"], inplace=True, ignore_index=True)
+    one row per pair_id, and a silently doubled pair would weigh twice in training.
+    Returns ``stats`` in source order with those rows marked."""
+    stats = stats.sort_values(["source_file", "source_row"], ignore_index=True)
     kept = stats["skip_reason"].isna()
     first_row = stats[kept].drop_duplicates("pair_id").set_index("pair_id")
     dup = kept & stats["pair_id"].duplicated(keep="first") & stats["pair_id"].notna()
@@ -69,6 +70,7 @@ def _mark_duplicates(stats) -> None:
         origin = first_row.loc[stats.at[i, "pair_id"]]
         stats.loc[i, ["skip_reason", "skip_detail"]] = [
             DUPLICATE_PAIR, f"same pair as {origin.source_file}, row {origin.source_row}"]
+    return stats
 
 
 def _report(stats) -> DataReport:
@@ -118,7 +120,7 @@ def prepare_pairs(config: DataConfig, source=None) -> tuple[ray.data.Dataset, Da
         ["pair_id", "source_file", "source_row", "format", "skip_reason", "skip_detail", "chosen_length",
          "rejected_length", "prompt_truncated", "chosen_truncated", "rejected_truncated"]
     ).to_pandas()
-    _mark_duplicates(stats)
+    stats = _mark_duplicates(stats)
     report = _report(stats)
     if report.skipped and config.on_bad_row == "raise":
         first = report.skipped_examples[0]
