@@ -93,14 +93,8 @@ def train_loop_per_worker(config: dict) -> None:
                 sync = contextlib.nullcontext() if last or world == 1 else model.no_sync()
                 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.bf16)
                 with sync, autocast:
-                    out = concatenated_forward(
-                        model, batch["chosen_input_ids"], batch["chosen_attention_mask"],
-                        batch["rejected_input_ids"], batch["rejected_attention_mask"],
-                        batch["prompt_lengths"], meta["pad_id"])
-                    losses, chosen_rewards, rejected_rewards = preference_loss(
-                        out["chosen_logps"], out["rejected_logps"], batch["ref_chosen_logps"],
-                        batch["ref_rejected_logps"], t.beta, t.loss_type, t.label_smoothing,
-                        out["chosen_tokens"], out["rejected_tokens"], t.rpo_alpha)
+                    out, losses, chosen_rewards, rejected_rewards = _pair_losses(
+                        model, batch, t, meta["pad_id"])
                     # Sum over pairs / pairs per rank: after DDP averages over ranks, the gradient
                     # is that of the mean loss over the global batch, for any world size.
                     (losses.sum() / (global_batch // world)).backward()
@@ -149,6 +143,19 @@ def train_loop_per_worker(config: dict) -> None:
             started = time.perf_counter()  # throughput counts training, not eval or checkpoints
 
 
+def _pair_losses(model, batch: dict, t, pad_id: int):
+    """Policy log-probs (one chosen+rejected forward) -> per-pair losses and rewards against the
+    cached reference log-probs. Returns (forward outputs, losses, chosen_rewards, rejected_rewards)."""
+    out = concatenated_forward(
+        model, batch["chosen_input_ids"], batch["chosen_attention_mask"],
+        batch["rejected_input_ids"], batch["rejected_attention_mask"], batch["prompt_lengths"], pad_id)
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        out["chosen_logps"], out["rejected_logps"], batch["ref_chosen_logps"],
+        batch["ref_rejected_logps"], t.beta, t.loss_type, t.label_smoothing,
+        out["chosen_tokens"], out["rejected_tokens"], t.rpo_alpha)
+    return out, losses, chosen_rewards, rejected_rewards
+
+
 @torch.no_grad()
 def _evaluate(policy, rank, world, t, meta, device) -> dict[str, float]:
     """``eval_``-prefixed metrics over the whole held-out split (rows rank::world per batch).
@@ -162,14 +169,8 @@ def _evaluate(policy, rank, world, t, meta, device) -> dict[str, float]:
         for batch in micro_batches:
             batch.pop("global_batch_crc", None)
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = concatenated_forward(
-                policy, batch["chosen_input_ids"], batch["chosen_attention_mask"],
-                batch["rejected_input_ids"], batch["rejected_attention_mask"],
-                batch["prompt_lengths"], meta["pad_id"])
-            losses, chosen_rewards, rejected_rewards = preference_loss(
-                out["chosen_logps"], out["rejected_logps"], batch["ref_chosen_logps"],
-                batch["ref_rejected_logps"], t.beta, t.loss_type, t.label_smoothing,
-                out["chosen_tokens"], out["rejected_tokens"], t.rpo_alpha)
+            out, losses, chosen_rewards, rejected_rewards = _pair_losses(
+                policy, batch, t, meta["pad_id"])
             sums += _batch_sums(losses, chosen_rewards, rejected_rewards, out, batch)
     policy.train()
     totals = _all_reduce(sums, device)
