@@ -79,6 +79,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_parser(sub, name, help, config_help, model_help, overrides_help, run):
+    """A subcommand that reads a whole RunConfig: --config, the shortcut flags, overrides."""
+    stage = sub.add_parser(name, help=help)
+    stage.add_argument("--config", help=config_help)
+    stage.add_argument("--data", help="shortcut for data.source")
+    stage.add_argument("--model", help=model_help)
+    stage.add_argument("--tokenizer", help="shortcut for data.tokenizer")
+    stage.add_argument("overrides", nargs="*", help=overrides_help)
+    stage.set_defaults(run=run)
+    return stage
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo-ray", description=__doc__.splitlines()[0])
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
@@ -94,23 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("overrides", nargs="*", help="key=value, e.g. data.max_length=256")
     data.set_defaults(run=_data)
 
-    ref = sub.add_parser("reference", help="score every pair with the reference model once and "
-                         "cache the values (reused when already cached)")
-    ref.add_argument("--config", help="YAML file with `data:` and `reference:` sections")
-    ref.add_argument("--data", help="shortcut for data.source")
-    ref.add_argument("--model", help="shortcut for reference.model (and data.tokenizer if unset)")
-    ref.add_argument("--tokenizer", help="shortcut for data.tokenizer")
+    ref = _stage_parser(sub, "reference", "score every pair with the reference model once and "
+                        "cache the values (reused when already cached)",
+                        "YAML file with `data:` and `reference:` sections",
+                        "shortcut for reference.model (and data.tokenizer if unset)",
+                        "key=value, e.g. reference.max_actors=4", _reference)
     ref.add_argument("--output", help="write config.yaml and reference.json (cache key, path) here")
-    ref.add_argument("overrides", nargs="*", help="key=value, e.g. reference.max_actors=4")
-    ref.set_defaults(run=_reference)
-
-    tr = sub.add_parser("train", help="DPO on Ray Train (computes the reference cache if missing)")
-    tr.add_argument("--config", help="YAML file with data:, reference: and train: sections")
-    tr.add_argument("--data", help="shortcut for data.source")
-    tr.add_argument("--model", help="shortcut for reference.model (policy starts from it)")
-    tr.add_argument("--tokenizer", help="shortcut for data.tokenizer")
-    tr.add_argument("overrides", nargs="*", help="key=value, e.g. train.beta=0.1 train.num_workers=2")
-    tr.set_defaults(run=_train)
+    _stage_parser(sub, "train", "DPO on Ray Train (computes the reference cache if missing)",
+                  "YAML file with data:, reference: and train: sections",
+                  "shortcut for reference.model (policy starts from it)",
+                  "key=value, e.g. train.beta=0.1 train.num_workers=2", _train)
     return parser
 
 

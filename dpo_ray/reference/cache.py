@@ -125,7 +125,7 @@ class ReferenceCache:
     def __init__(self, root: str):
         root = root if "://" in root else os.path.abspath(os.path.expanduser(root))
         self.uri = root
-        self.fs, self.base = pafs.FileSystem.from_uri(root if "://" in root else root)
+        self.fs, self.base = pafs.FileSystem.from_uri(root)
         self.fs.create_dir(self.base, recursive=True)
 
     def _uri(self, *parts: str) -> str:
