@@ -6,6 +6,7 @@ The math lives in ``logps`` (sequence log-probs) and ``losses`` (DPO-family loss
 
     import dpo_ray
     result = dpo_ray.train(run_config)   # dpo_ray.config.RunConfig
+    report = dpo_ray.evaluate(eval_config)  # dpo_ray.config.EvalConfig
 """
 
 __version__ = "0.1.0"
@@ -17,4 +18,8 @@ def __getattr__(name: str):
         from dpo_ray.training import train
 
         return train
+    if name == "evaluate":
+        from dpo_ray.eval.winrate import evaluate
+
+        return evaluate
     raise AttributeError(f"module 'dpo_ray' has no attribute {name!r}")

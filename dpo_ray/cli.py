@@ -79,6 +79,34 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from dpo_ray.config import EvalConfig
+    from dpo_ray.eval import evaluate
+    from dpo_ray.ray_env import init_ray
+
+    overrides = list(args.overrides)
+    if args.prompts:
+        overrides.append(f"eval.prompts={args.prompts}")
+    if args.policy:
+        overrides.append(f"eval.policies={json.dumps(args.policy)}")
+    config = load_config(EvalConfig, args.config, overrides, section="eval")
+    init_ray(args.address)
+    result = evaluate(config)
+    print(json.dumps({"eval_dir": str(result.eval_dir), "results": [
+        {k: r[k] for k in ("policy", "judge", "win_rate", "ci_low", "ci_high", "kl_to_reference")}
+        for r in result.summary["results"]]}))
+    return 0
+
+
+def _pair_accuracy(args: argparse.Namespace) -> int:
+    from dpo_ray.eval.pairs import pair_accuracy
+    from dpo_ray.ray_env import init_ray
+
+    init_ray(args.address)
+    print(json.dumps(pair_accuracy(args.run_dir, args.model, args.actors)))
+    return 0
+
+
 def _stage_parser(sub, name, help, config_help, model_help, overrides_help, run):
     """A subcommand that reads a whole RunConfig: --config, the shortcut flags, overrides."""
     stage = sub.add_parser(name, help=help)
@@ -116,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
                   "YAML file with data:, reference: and train: sections",
                   "shortcut for reference.model (policy starts from it)",
                   "key=value, e.g. train.beta=0.1 train.num_workers=2", _train)
+
+    ev = sub.add_parser("eval", help="win rate of policies against a baseline under judges")
+    ev.add_argument("--config", help="YAML file with an `eval:` section (docs/eval.md)")
+    ev.add_argument("--prompts", help="shortcut for eval.prompts")
+    ev.add_argument("--policy", action="append", help="a policy model or run dir (repeatable)")
+    ev.add_argument("overrides", nargs="*", help="key=value, e.g. eval.limit=100")
+    ev.set_defaults(run=_eval)
+
+    acc = sub.add_parser("pair-accuracy", help="held-out pairwise accuracy (with CI) of a DPO or "
+                         "reward-model training run")
+    acc.add_argument("run_dir")
+    acc.add_argument("--model", help="a checkpoint folder (default: RUN_DIR/final_model)")
+    acc.add_argument("--actors", type=int, default=1)
+    acc.set_defaults(run=_pair_accuracy)
     return parser
 
 

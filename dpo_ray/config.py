@@ -101,6 +101,10 @@ class TrainConfig:
 
     # The policy's starting weights; None = the reference model (the usual DPO set-up).
     model: str | None = None
+    # "dpo" trains the policy on cached reference values; "reward_model" trains a Bradley-Terry
+    # scalar-head model (AutoModelForSequenceClassification, 1 label) on the same pairs, with no
+    # reference model at all (its rewards/* metrics are the head's scores).
+    objective: Literal["dpo", "reward_model"] = "dpo"
     beta: float = 0.1
     loss_type: Literal["sigmoid", "robust", "hinge", "ipo", "ipo_length_normalized"] = "sigmoid"
     label_smoothing: float = 0.0
@@ -148,6 +152,73 @@ class RunConfig:
     data: DataConfig
     reference: ReferenceConfig
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+@dataclass(config=_STRICT)
+class GenerationConfig:
+    """Sampling on the generation actor pool (one model per actor, loaded once)."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = True  # False = greedy
+    temperature: float = 1.0  # the KL estimate is exact only at 1.0 (samples from the model itself)
+    top_p: float = 1.0
+    num_samples: int = 1  # samples per prompt
+    seed: int = 0
+    # Text prompts become a user message in the tokenizer's chat template (when it has one);
+    # false feeds the text as is (e.g. HH-style "\n\nHuman: ...\n\nAssistant:" prompts).
+    chat_template: bool = True
+    max_prompt_length: int = 256  # prompt tokens kept (from the end)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = 16  # prompts per actor call; sorted by length inside the call
+    min_actors: int = 1
+    max_actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+
+
+@dataclass(config=_STRICT)
+class JudgeConfig:
+    """One judge. ``function``: a builtin lexicon (``vader``, ``textblob``, ``afinn``, ``length``)
+    or ``module:callable`` taking (prompt, response) -> score, or (prompt, first, second) ->
+    "first" | "second" | "tie". ``reward_model``: a sequence-classification folder (1 label).
+    ``llm``: a causal LM asked the pairwise ``template``, in both orders."""
+
+    kind: Literal["function", "reward_model", "llm"]
+    name: str
+    label: str | None = None  # how reports call it; default: name
+    # Score judges: |score_a - score_b| <= tie_margin is a tie.
+    tie_margin: float = 0.0
+    template: str | None = None  # llm judges; None = dpo_ray.eval.judges.PAIRWISE_TEMPLATE
+    batch_size: int = 16
+    num_actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+
+
+@dataclass(config=_STRICT)
+class EvalConfig:
+    """Win-rate evaluation of one or more policies against a baseline on held-out prompts."""
+
+    # JSONL/Parquet/JSON/CSV rows with a ``prompt`` (text or chat messages), or preference rows
+    # (the baseline ``chosen`` needs those); see docs/eval.md.
+    prompts: str
+    policies: list[str]  # model folders, hub ids or run directories (their final_model/)
+    judges: list[JudgeConfig]
+    # "reference" (the reference model's samples), "chosen" (the dataset's chosen responses) or a
+    # model folder / hub id.
+    baseline: str = "reference"
+    reference: str | None = None  # for baseline "reference" and the KL estimate; None = no KL
+    # Preference rows: keep only pairs held out from training by the same pair_id hash rule as
+    # train.eval_fraction (so prompts never overlap the training split).
+    held_out_fraction: float | None = None
+    limit: int | None = None  # first N distinct prompts
+    on_bad_row: Literal["raise", "skip"] = "raise"  # skip: counted in summary.json
+    generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
+    output_dir: str = "evals"
+    name: str | None = None  # default: eval-<timestamp>
+    confidence: float = 0.95
+    n_resamples: int = 2000  # bootstrap resamples (prompts are resampled, samples stay together)
+    bootstrap_seed: int = 0
 
 
 C = TypeVar("C")

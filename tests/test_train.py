@@ -186,3 +186,17 @@ def test_smollm2_short_run_saves_a_model_that_reloads_and_generates(ray_session,
                                      tokenize=False, add_generation_prompt=True)
     out = model.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0], skip_special_tokens=True)
+
+
+def test_held_out_implicit_reward_accuracy_of_the_checkpoint_matches_the_loop(overfit):
+    """pair_accuracy scores the final model on the actor pool against the cached reference values;
+    the loop's last held-out evaluation saw the same weights and pairs, so the two must agree."""
+    from dpo_ray.eval.pairs import pair_accuracy
+
+    _, result = overfit
+    got = pair_accuracy(result.run_dir)
+    last = result.metrics[-1]
+    assert got["accuracy"] == pytest.approx(last["eval_rewards/accuracies"], abs=1e-9)
+    assert got["ci_low"] <= got["accuracy"] <= got["ci_high"]
+    assert got["mean_margin"] == pytest.approx(last["eval_rewards/margins"], rel=1e-3, abs=1e-5)
+    assert json.loads((result.run_dir / "pair_accuracy.json").read_text())["n"] == got["n"]

@@ -16,24 +16,27 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from dpo_ray.logps import pad_sequences
 
-TRAIN_COLUMNS = ["pair_id", "chosen_input_ids", "rejected_input_ids", "prompt_length",
-                 "ref_chosen_logps", "ref_rejected_logps"]
+PAIR_TRAIN_COLUMNS = ["pair_id", "chosen_input_ids", "rejected_input_ids", "prompt_length"]
+TRAIN_COLUMNS = [*PAIR_TRAIN_COLUMNS, "ref_chosen_logps", "ref_rejected_logps"]  # DPO
 
 
 def collate_pairs(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad chosen and rejected of each pair (right padding); keep pairs aligned row by row.
 
-    Returns (B, Tc)/(B, Tr) ids and masks, and (B,) prompt lengths and reference log-probs.
+    Returns (B, Tc)/(B, Tr) ids and masks, and (B,) prompt lengths and reference log-probs
+    (reward-model training has no reference columns).
     """
     chosen_ids, chosen_mask = pad_sequences([list(x) for x in batch["chosen_input_ids"]], pad_id)
     rejected_ids, rejected_mask = pad_sequences([list(x) for x in batch["rejected_input_ids"]], pad_id)
-    return {
+    out = {
         "chosen_input_ids": chosen_ids, "chosen_attention_mask": chosen_mask,
         "rejected_input_ids": rejected_ids, "rejected_attention_mask": rejected_mask,
         "prompt_lengths": torch.as_tensor(np.asarray(batch["prompt_length"], dtype=np.int64)),
-        "ref_chosen_logps": torch.as_tensor(np.asarray(batch["ref_chosen_logps"], dtype=np.float64)),
-        "ref_rejected_logps": torch.as_tensor(np.asarray(batch["ref_rejected_logps"], dtype=np.float64)),
     }
+    for name in ("ref_chosen_logps", "ref_rejected_logps"):
+        if name in batch:
+            out[name] = torch.as_tensor(np.asarray(batch[name], dtype=np.float64))
+    return out
 
 
 class RankPairCollate(NumpyBatchCollateFn):

@@ -19,9 +19,10 @@ import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from dpo_ray.logps import concatenated_forward
-from dpo_ray.losses import preference_loss
+from dpo_ray.losses import preference_loss, reward_model_loss
 from dpo_ray.models import load_causal_lm
 from dpo_ray.training.collate import RankPairCollate
 
@@ -43,7 +44,8 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(t.seed)
 
     # 1. The policy (DDP through prepare_model: gloo on CPU, NCCL on GPU), optimizer, schedule.
-    policy = load_causal_lm(meta["policy"], "float32", trust_remote_code=run.reference.trust_remote_code)
+    #    A reward model is the same backbone with a scalar head instead of the LM head.
+    policy = _load_model(meta, run)
     if t.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     if t.disable_dropout:
@@ -99,13 +101,14 @@ def train_loop_per_worker(config: dict) -> None:
                     # is that of the mean loss over the global batch, for any world size.
                     (losses.sum() / (global_batch // world)).backward()
                 sums += _batch_sums(losses, chosen_rewards, rejected_rewards, out, batch)
-                max_abs_logratio = max(max_abs_logratio, float(torch.cat([
-                    out["chosen_logps"].detach() - batch["ref_chosen_logps"],
-                    out["rejected_logps"].detach() - batch["ref_rejected_logps"]]).abs().max()))
+                if t.objective == "dpo":
+                    max_abs_logratio = max(max_abs_logratio, float(torch.cat([
+                        out["chosen_logps"].detach() - batch["ref_chosen_logps"],
+                        out["rejected_logps"].detach() - batch["ref_rejected_logps"]]).abs().max()))
 
             # 5. Metrics averaged over workers; the step-0 guard before anything is updated.
             totals = _all_reduce(sums, device)
-            metrics = _means(totals)
+            metrics = _means(totals, t.objective)
             metrics["max_abs_logratio"] = _all_max(max_abs_logratio, device)
             if world > 1 and not _same_on_all_ranks(fingerprint, device):
                 raise RuntimeError("ranks disagree on the global batch: the data order is not "
@@ -143,9 +146,35 @@ def train_loop_per_worker(config: dict) -> None:
             started = time.perf_counter()  # throughput counts training, not eval or checkpoints
 
 
+def _load_model(meta: dict, run):
+    if run.train.objective == "reward_model":
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(
+            meta["policy"], num_labels=1, use_safetensors=True,
+            trust_remote_code=run.reference.trust_remote_code)
+        model.config.pad_token_id = meta["pad_id"]  # the head reads the last non-pad token
+        return model
+    return load_causal_lm(meta["policy"], "float32", trust_remote_code=run.reference.trust_remote_code)
+
+
 def _pair_losses(model, batch: dict, t, pad_id: int):
     """Policy log-probs (one chosen+rejected forward) -> per-pair losses and rewards against the
-    cached reference log-probs. Returns (forward outputs, losses, chosen_rewards, rejected_rewards)."""
+    cached reference log-probs. Returns (forward outputs, losses, chosen_rewards, rejected_rewards).
+    For a reward model: scalar scores s of chosen and rejected (one forward), the Bradley-Terry
+    loss -log sigma(s_c - s_r), and the scores as rewards."""
+    if t.objective == "reward_model":
+        width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+        ids = torch.cat([F.pad(batch["chosen_input_ids"], (0, width - batch["chosen_input_ids"].shape[1]),
+                               value=pad_id),
+                         F.pad(batch["rejected_input_ids"], (0, width - batch["rejected_input_ids"].shape[1]),
+                               value=pad_id)])
+        mask = torch.cat([F.pad(batch["chosen_attention_mask"], (0, width - batch["chosen_attention_mask"].shape[1])),
+                          F.pad(batch["rejected_attention_mask"],
+                                (0, width - batch["rejected_attention_mask"].shape[1]))])
+        scores = model(input_ids=ids, attention_mask=mask).logits[:, 0].double()  # (2B,)
+        chosen, rejected = scores.chunk(2)
+        return {}, reward_model_loss(chosen, rejected), chosen.detach(), rejected.detach()
     out = concatenated_forward(
         model, batch["chosen_input_ids"], batch["chosen_attention_mask"],
         batch["rejected_input_ids"], batch["rejected_attention_mask"], batch["prompt_lengths"], pad_id)
@@ -174,7 +203,7 @@ def _evaluate(policy, rank, world, t, meta, device) -> dict[str, float]:
             sums += _batch_sums(losses, chosen_rewards, rejected_rewards, out, batch)
     policy.train()
     totals = _all_reduce(sums, device)
-    return {f"eval_{k}": v for k, v in _means(totals).items()}
+    return {f"eval_{k}": v for k, v in _means(totals, t.objective).items()}
 
 
 def _optimizer(params, t):
@@ -192,11 +221,14 @@ def _scheduler(optimizer, t, total_steps):
 
 
 def _batch_sums(losses, chosen_rewards, rejected_rewards, out, batch) -> torch.Tensor:
-    """Per-micro-batch sums of what ``_SUMS`` names (means are taken after the all-reduce)."""
+    """Per-micro-batch sums of what ``_SUMS`` names (means are taken after the all-reduce).
+    A reward model has no log-probs: those sums stay 0 and its metrics leave them out."""
+    zero = torch.zeros(1)
     return torch.tensor([
         float(losses.detach().sum()), float(chosen_rewards.sum()), float(rejected_rewards.sum()),
         float((chosen_rewards > rejected_rewards).sum()), float((chosen_rewards - rejected_rewards).sum()),
-        float(out["chosen_logps"].detach().sum()), float(out["rejected_logps"].detach().sum()),
+        float(out.get("chosen_logps", zero).detach().sum()),
+        float(out.get("rejected_logps", zero).detach().sum()),
         float(losses.numel()),
         float(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()),
     ], dtype=torch.float64)
@@ -233,11 +265,12 @@ def _same_on_all_ranks(value: int, device) -> bool:
     return float(both[0]) == -float(both[1])
 
 
-def _means(totals: list[float]) -> dict[str, float]:
+def _means(totals: list[float], objective: str = "dpo") -> dict[str, float]:
     pairs = totals[_SUMS.index("pairs")]
     if not pairs:
         return {}
-    return {name: totals[i] / pairs for i, name in enumerate(_SUMS[:7])}
+    names = _SUMS[:7] if objective == "dpo" else _SUMS[:5]  # a reward model has no log-probs
+    return {name: totals[i] / pairs for i, name in enumerate(names)}
 
 
 def _step0_guard(metrics: dict, t) -> None:

@@ -25,9 +25,10 @@ from ray.data import DataContext
 from ray.train.torch import TorchTrainer
 
 from dpo_ray.config import RunConfig, save_config
+from dpo_ray.data import prepare_pairs
 from dpo_ray.reference import ensure_reference
 from dpo_ray.reference.cache import model_fingerprint
-from dpo_ray.training.collate import TRAIN_COLUMNS
+from dpo_ray.training.collate import PAIR_TRAIN_COLUMNS, TRAIN_COLUMNS
 from dpo_ray.training.loop import train_loop_per_worker
 
 RAY_TRAIN_NAME = "ray_train"
@@ -38,7 +39,7 @@ class TrainResult:
     run_dir: Path
     final_model: Path
     metrics: list[dict]
-    reference_key: str
+    reference_key: str | None  # None for a reward model (no reference)
 
 
 def is_held_out(pair_id: str, fraction: float) -> bool:
@@ -113,12 +114,18 @@ def train(config: RunConfig, source=None) -> TrainResult:
     (run_dir / "versions.json").write_text(json.dumps(
         {pkg: version(pkg) for pkg in ("dpo-ray", "ray", "torch", "transformers", "datasets")}, indent=2))
 
-    reference = ensure_reference(config.data, config.reference, source)
-    (run_dir / "reference.json").write_text(json.dumps(
-        {"key": reference.key, "path": reference.path, "rows": reference.rows}, indent=2))
     policy = t.model or config.reference.model
-    datasets = split_train_eval(reference.dataset.select_columns(TRAIN_COLUMNS), t.eval_fraction)
-    train_pairs = datasets["train"].count() if t.eval_fraction > 0 else reference.rows
+    if t.objective == "reward_model":  # Bradley-Terry on the pairs themselves: no reference
+        pairs, report = prepare_pairs(config.data, source)
+        print(report.summary(), flush=True)
+        rows, reference_key, columns = report.pairs, None, PAIR_TRAIN_COLUMNS
+    else:
+        reference = ensure_reference(config.data, config.reference, source)
+        (run_dir / "reference.json").write_text(json.dumps(
+            {"key": reference.key, "path": reference.path, "rows": reference.rows}, indent=2))
+        pairs, rows, reference_key, columns = reference.dataset, reference.rows, reference.key, TRAIN_COLUMNS
+    datasets = split_train_eval(pairs.select_columns(columns), t.eval_fraction)
+    train_pairs = datasets["train"].count() if t.eval_fraction > 0 else rows
     global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_workers
     if train_pairs < global_batch:
         raise ValueError(f"{train_pairs} training pairs is less than one global batch ({global_batch}"
@@ -129,8 +136,8 @@ def train(config: RunConfig, source=None) -> TrainResult:
     meta = {
         "pairs": train_pairs,
         "policy": policy,
-        "policy_is_reference": model_fingerprint(policy, None) == model_fingerprint(
-            config.reference.model, config.reference.revision),
+        "policy_is_reference": t.objective == "dpo" and model_fingerprint(policy, None) == (
+            model_fingerprint(config.reference.model, config.reference.revision)),
         "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         "tokenizer": config.data.tokenizer,
         "run_dir": str(run_dir),
@@ -172,4 +179,4 @@ def train(config: RunConfig, source=None) -> TrainResult:
     if metrics:
         plot_metrics(metrics, run_dir / "metrics.png")
     print(f"run directory: {run_dir}\nfinal model: {final}", flush=True)
-    return TrainResult(run_dir, final, metrics, reference.key)
+    return TrainResult(run_dir, final, metrics, reference_key)

@@ -1,0 +1,85 @@
+"""Held-out pairwise accuracy of a trained run, with a bootstrap CI, scored on an actor pool.
+
+- reward model (``train.objective=reward_model``): correct iff s(chosen) > s(rejected).
+- DPO policy: correct iff the implicit reward r = beta * (logp_policy - logp_ref) of chosen beats
+  rejected; the reference side comes from the run's reference cache (no reference forward pass),
+  the policy side from the same actor pool and ``sequence_logps`` that computed the cache.
+
+The held-out split is the run's own (``train.eval_fraction``, by pair_id hash): pairs the run never
+trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from ray.data import ActorPoolStrategy
+
+from dpo_ray.config import RunConfig, load_config
+from dpo_ray.eval import stats
+
+
+class _PairScorer:
+    """Ray Data callable class: a reward model's scores of each pair's chosen and rejected."""
+
+    def __init__(self, model: str, batch_size: int):
+        from dpo_ray.eval.judges import RewardModelJudge
+
+        self.judge = RewardModelJudge(model, batch_size=batch_size)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        chosen = self.judge.score_ids(batch.column("chosen_input_ids").to_pylist())
+        rejected = self.judge.score_ids(batch.column("rejected_input_ids").to_pylist())
+        return pa.table({"pair_id": batch.column("pair_id"), "chosen_score": chosen,
+                         "rejected_score": rejected})
+
+
+def pair_accuracy(run_dir: str | Path, model: str | None = None, actors: int = 1,
+                  confidence: float = 0.95) -> dict:
+    """Accuracy on the run's held-out pairs; writes ``<run_dir>/pair_accuracy.json``."""
+    from dpo_ray.ray_env import init_ray
+    from dpo_ray.training.trainer import split_train_eval
+
+    init_ray()
+    run_dir = Path(run_dir)
+    config = load_config(RunConfig, run_dir / "config.yaml")
+    t = config.train
+    if t.eval_fraction <= 0:
+        raise ValueError(f"{run_dir}: train.eval_fraction is 0, the run has no held-out pairs")
+    model = model or str(run_dir / "final_model")
+    if t.objective == "reward_model":
+        from dpo_ray.data import prepare_pairs
+
+        pairs, _ = prepare_pairs(config.data)
+        held = split_train_eval(pairs, t.eval_fraction)["eval"]
+        scored = held.select_columns(["pair_id", "chosen_input_ids", "rejected_input_ids"]).map_batches(
+            _PairScorer, fn_constructor_args=(model, config.reference.micro_batch_size),
+            batch_format="pyarrow", batch_size=config.reference.batch_size,
+            compute=ActorPoolStrategy(size=actors)).to_pandas()
+        margins = (scored["chosen_score"] - scored["rejected_score"]).to_numpy()
+    else:
+        from dpo_ray.reference import ensure_reference
+        from dpo_ray.reference.scorer import REFERENCE_COLUMNS, score_pairs
+
+        reference = ensure_reference(config.data, config.reference)  # a cache hit after training
+        held = split_train_eval(reference.dataset, t.eval_fraction)["eval"]
+        held = held.rename_columns({"ref_chosen_logps": "cached_ref_chosen_logps",
+                                    "ref_rejected_logps": "cached_ref_rejected_logps"})
+        held = held.drop_columns([c for c in REFERENCE_COLUMNS if c.endswith("_tokens")])
+        policy_config = replace(config.reference, model=model, revision=None,
+                                min_actors=actors, max_actors=actors)
+        # The reference scorer run with the policy's weights: its ref_* columns are policy logps.
+        scored = score_pairs(held, policy_config).to_pandas()
+        chosen = t.beta * (scored["ref_chosen_logps"] - scored["cached_ref_chosen_logps"])
+        rejected = t.beta * (scored["ref_rejected_logps"] - scored["cached_ref_rejected_logps"])
+        margins = (chosen - rejected).to_numpy()
+    result = {"run_dir": str(run_dir), "model": model, "objective": t.objective,
+              **stats.accuracy(margins > 0, confidence), "mean_margin": float(np.mean(margins))}
+    (run_dir / "pair_accuracy.json").write_text(json.dumps(result, indent=2))
+    print(f"held-out pair accuracy of {model}: {result['accuracy']:.3f} "
+          f"[{result['ci_low']:.3f}, {result['ci_high']:.3f}] on {result['n']} pairs", flush=True)
+    return result

@@ -1,0 +1,198 @@
+"""Win-rate evaluation, driver side: prompts -> samples (actor pool) -> KL (reference actor pool)
+-> judges (actor pools, both orders for pairwise judges) -> statistics -> eval directory.
+
+    from dpo_ray.eval import evaluate
+    result = evaluate(eval_config)          # or: dpo-ray eval --config eval.yaml key=value ...
+
+Eval directory ``<output_dir>/<name>``: ``config.yaml``, ``samples.parquet`` (every generated
+sample), ``judgments.parquet`` (every judgment), ``summary.json``, ``report.md``, ``winrate.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import ray
+from ray.data import ActorPoolStrategy
+
+from dpo_ray.config import EvalConfig, JudgeConfig, save_config
+from dpo_ray.eval import stats
+from dpo_ray.eval.generate import generate, score_samples
+from dpo_ray.eval.judges import build_judge
+from dpo_ray.eval.prompts import load_prompts
+
+
+@dataclass
+class EvalResult:
+    eval_dir: Path
+    summary: dict  # as summary.json
+    judgments: pd.DataFrame
+    samples: pd.DataFrame
+
+    def win_rate(self, policy: str | None = None, judge: str | None = None) -> dict:
+        """The result row for (policy, judge); defaults: the first of each."""
+        for row in self.summary["results"]:
+            if (policy in (None, row["policy"])) and (judge in (None, row["judge"])):
+                return row
+        raise KeyError((policy, judge))
+
+
+def resolve_model(path: str) -> str:
+    """A training run directory means its ``final_model/``; anything else is used as given."""
+    final = Path(path).expanduser() / "final_model"
+    return str(final.absolute()) if final.is_dir() else path
+
+
+def judge_label(config: JudgeConfig) -> str:
+    return config.label or (config.name if config.kind == "function" else f"{config.kind}:{config.name}")
+
+
+class _JudgeActor:
+    """Ray Data callable class: builds the judge once; (prompt, policy, baseline) -> verdicts."""
+
+    def __init__(self, config: JudgeConfig):
+        from dpo_ray.models import pick_device
+
+        self.judge = build_judge(config, str(pick_device(config.num_gpus_per_actor)))
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        got = self.judge.compare(batch["prompt_text"].tolist(), batch["policy_response"].tolist(),
+                                 batch["baseline_response"].tolist())
+        out = batch[["prompt_id", "sample_index"]].copy()
+        out["verdict"] = [{"a": "policy", "b": "baseline", "tie": "tie"}[v] for v in got["verdict"]]
+        out["policy_score"] = got.get("score_a", [np.nan] * len(out))
+        out["baseline_score"] = got.get("score_b", [np.nan] * len(out))
+        # Pairwise judges: what each order said ("first" / "second" / "tie"), to audit position bias.
+        out["verdict_policy_first"] = got.get("verdict_a_first", [None] * len(out))
+        out["verdict_baseline_first"] = got.get("verdict_b_first", [None] * len(out))
+        return out
+
+
+def run_judge(pairs: pd.DataFrame, config: JudgeConfig) -> pd.DataFrame:
+    """Judgments for ``pairs`` (prompt_id, sample_index, prompt_text, policy_response,
+    baseline_response) on an actor pool of ``config.num_actors``; returned in ``pairs`` order."""
+    ds = ray.data.from_pandas(pairs[["prompt_id", "sample_index", "prompt_text", "policy_response",
+                                     "baseline_response"]])
+    judged = ds.repartition(target_num_rows_per_block=config.batch_size).map_batches(
+        _JudgeActor, fn_constructor_args=(config,), batch_format="pandas", batch_size=config.batch_size,
+        compute=ActorPoolStrategy(size=config.num_actors), num_cpus=config.num_cpus_per_actor,
+        num_gpus=config.num_gpus_per_actor).to_pandas()
+    return pairs[["prompt_id", "sample_index"]].merge(judged, on=["prompt_id", "sample_index"],
+                                                      how="left", validate="one_to_one")
+
+
+def _samples(prompts: pd.DataFrame, model: str, config: EvalConfig, seed: int) -> pd.DataFrame:
+    from dataclasses import replace
+
+    gen = replace(config.generation, seed=seed)
+    ds = ray.data.from_pandas(prompts[["prompt_id", "prompt_json"]])
+    # One pool at a time: chained pools would each hold their CPUs, and Ray Data's per-operator
+    # budget can then leave a multi-CPU actor unschedulable (a silent hang on a small machine).
+    samples = generate(ds, model, gen).materialize()
+    if config.reference and model != config.reference:
+        samples = score_samples(samples, config.reference, "ref_logp", gen)
+    frame = samples.to_pandas()
+    if "ref_logp" not in frame:
+        frame["ref_logp"] = frame["logp"] if model == config.reference else np.nan
+    return frame.sort_values(["prompt_id", "sample_index"]).reset_index(drop=True)
+
+
+def _baseline(prompts: pd.DataFrame, config: EvalConfig) -> tuple[str, pd.DataFrame]:
+    """Baseline responses keyed by (prompt_id, sample_index)."""
+    n = config.generation.num_samples
+    if config.baseline == "chosen":
+        if prompts["chosen"].isna().any():
+            raise ValueError(f"baseline 'chosen' needs preference rows; {config.prompts} has "
+                             f"{int(prompts['chosen'].isna().sum())} prompts without a chosen response")
+        frame = prompts[["prompt_id", "chosen"]].rename(columns={"chosen": "response"})
+        frame = frame.loc[frame.index.repeat(n)].assign(sample_index=np.tile(np.arange(n), len(frame)))
+        frame["response_tokens"] = np.nan
+        return "chosen", frame.reset_index(drop=True)
+    model = config.reference if config.baseline == "reference" else resolve_model(config.baseline)
+    if model is None:
+        raise ValueError("baseline 'reference' needs eval.reference (a model folder or hub id)")
+    # Another seed than the policies': a policy identical to the baseline must not produce the
+    # very same samples (that would be all ties, not an honest 0.5).
+    return model, _samples(prompts, model, config, config.generation.seed + 1)
+
+
+def evaluate(config: EvalConfig) -> EvalResult:
+    from dpo_ray.ray_env import init_ray
+
+    init_ray()
+    name = config.name or time.strftime("eval-%Y%m%d-%H%M%S")
+    out = Path(config.output_dir).expanduser().absolute() / name
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    prompts, prompt_counts = load_prompts(config.prompts, config.held_out_fraction, config.limit,
+                                           config.on_bad_row)
+    print(f"eval: {prompt_counts['prompts']} prompts from {config.prompts} ({prompt_counts})", flush=True)
+
+    baseline_id, baseline = _baseline(prompts, config)
+    all_samples = [baseline.assign(role="baseline", model_id=baseline_id)]
+    judgments, results = [], []
+    for policy_arg in config.policies:
+        policy = resolve_model(policy_arg)
+        print(f"eval: generating with {policy}", flush=True)
+        samples = _samples(prompts, policy, config, config.generation.seed)
+        all_samples.append(samples.assign(role="policy"))
+        pairs = samples.merge(baseline[["prompt_id", "sample_index", "response", "response_tokens"]],
+                              on=["prompt_id", "sample_index"], suffixes=("", "_baseline"),
+                              validate="one_to_one")
+        pairs = pairs.merge(prompts[["prompt_id", "prompt_text"]], on="prompt_id")
+        pairs = pairs.rename(columns={"response": "policy_response", "response_baseline": "baseline_response"})
+        kl = float((samples["logp"] - samples["ref_logp"]).mean()) if config.reference else None
+        for judge_config in config.judges:
+            label = judge_label(judge_config)
+            judged = run_judge(pairs, judge_config)
+            rate = stats.win_rate(judged["verdict"], judged["prompt_id"], config.confidence,
+                                  config.n_resamples, config.bootstrap_seed)
+            results.append({
+                "policy": policy_arg, "judge": label, "baseline": config.baseline, **rate,
+                "policy_mean_score": _mean(judged["policy_score"]),
+                "baseline_mean_score": _mean(judged["baseline_score"]),
+                "policy_mean_tokens": float(pairs["response_tokens"].mean()),
+                "baseline_mean_tokens": _mean(pairs["response_tokens_baseline"]),
+                "policy_mean_chars": float(pairs["policy_response"].str.len().mean()),
+                "baseline_mean_chars": float(pairs["baseline_response"].str.len().mean()),
+                "kl_to_reference": kl,
+            })
+            print(_line(results[-1]), flush=True)
+            judgments.append(pairs[["prompt_id", "sample_index", "prompt_text", "policy_response",
+                                    "baseline_response"]].merge(judged, on=["prompt_id", "sample_index"])
+                             .assign(policy=policy_arg, judge=label))
+    summary = {"eval_dir": str(out), "prompts": prompt_counts, "baseline": config.baseline,
+               "baseline_model": baseline_id, "generation": _gen_dict(config), "results": results}
+    judgments = pd.concat(judgments, ignore_index=True)
+    samples = pd.concat(all_samples, ignore_index=True)
+    judgments.to_parquet(out / "judgments.parquet", index=False)
+    samples.to_parquet(out / "samples.parquet", index=False)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    from dpo_ray.eval.report import write_report
+
+    write_report(summary, judgments, out)
+    print(f"eval report: {out / 'report.md'}", flush=True)
+    return EvalResult(out, summary, judgments, samples)
+
+
+def _mean(series: pd.Series) -> float | None:
+    value = pd.to_numeric(series, errors="coerce").mean()
+    return None if pd.isna(value) else float(value)
+
+
+def _gen_dict(config: EvalConfig) -> dict:
+    from dataclasses import asdict
+
+    return asdict(config.generation)
+
+
+def _line(r: dict) -> str:
+    kl = f", KL {r['kl_to_reference']:.3f} nats" if r["kl_to_reference"] is not None else ""
+    return (f"eval: {r['policy']} vs {r['baseline']} under {r['judge']}: win rate "
+            f"{r['win_rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
+            f"(W/T/L {r['wins']}/{r['ties']}/{r['losses']}){kl}")
