@@ -1,4 +1,4 @@
-"""``dpo-ray`` command line: one subcommand per stage (data, reference, train; eval follows).
+"""``dpo-ray`` command line: one subcommand per stage (data, reference, train, eval) and the pipeline.
 
 Each takes ``--config run.yaml`` (the stage reads its own section, e.g. ``data:``) and
 ``key=value`` overrides such as ``data.max_length=256``.
@@ -79,6 +79,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline(args: argparse.Namespace) -> int:
+    from dpo_ray.pipeline import run_pipeline
+    from dpo_ray.ray_env import init_ray
+
+    config = load_config(RunConfig, args.config, _overrides(args))
+    init_ray(args.address)
+    print(json.dumps(run_pipeline(config)))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from dpo_ray.config import EvalConfig
     from dpo_ray.eval import evaluate
@@ -144,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                   "YAML file with data:, reference: and train: sections",
                   "shortcut for reference.model (policy starts from it)",
                   "key=value, e.g. train.beta=0.1 train.num_workers=2", _train)
+    _stage_parser(sub, "pipeline", "data -> reference -> train -> pair accuracy -> win rate, as one job",
+                  "YAML file with data:, reference:, train: and (optional) eval: sections",
+                  "shortcut for reference.model (policy starts from it)",
+                  "key=value, e.g. train.max_steps=10 eval.limit=50", _pipeline)
 
     ev = sub.add_parser("eval", help="win rate of policies against a baseline under judges")
     ev.add_argument("--config", help="YAML file with an `eval:` section (docs/eval.md)")

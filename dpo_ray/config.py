@@ -21,6 +21,28 @@ Format = Literal["auto", "explicit", "implicit", "conversational"]
 
 
 @dataclass(config=_STRICT)
+class Placement:
+    """Where a stage's actors or workers may run on a cluster, beyond CPUs/GPUs: custom resources
+    a node group advertises (``cluster.yaml`` gives ``dpo_train`` / ``dpo_score``), an accelerator
+    type (``A100``, ``L4``...), or node labels. Empty = anywhere."""
+
+    resources: dict[str, float] = dataclasses.field(default_factory=dict)
+    accelerator_type: str | None = None
+    label_selector: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def ray_data_kwargs(self) -> dict:
+        """Keyword arguments for ``Dataset.map_batches`` (only the ones that are set)."""
+        out: dict = {}
+        if self.resources:
+            out["resources"] = dict(self.resources)
+        if self.accelerator_type:
+            out["accelerator_type"] = self.accelerator_type
+        if self.label_selector:
+            out["label_selector"] = dict(self.label_selector)
+        return out
+
+
+@dataclass(config=_STRICT)
 class DataConfig:
     """Where preference pairs come from and how they become token ids.
 
@@ -91,6 +113,7 @@ class ReferenceConfig:
     # ``micro_batch_size`` pairs (2x sequences, chosen + rejected in one pass) to keep padding small.
     batch_size: int = 64
     micro_batch_size: int = 8
+    placement: Placement = dataclasses.field(default_factory=Placement)
 
 
 @dataclass(config=_STRICT)
@@ -132,6 +155,7 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    placement: Placement = dataclasses.field(default_factory=Placement)  # of the train workers
     max_failures: int = 0
     # Run directory: <output_dir>/<run_name>; a new name per run unless resuming explicitly.
     output_dir: str = "runs"
@@ -143,15 +167,6 @@ class TrainConfig:
     # Step-0 guard: when policy == reference weights, every |logp_policy - logp_ref| (nats) and,
     # for the sigmoid loss, |loss - ln 2| must be within this at the first step.
     step0_tolerance: float = 1e-3
-
-
-@dataclass(config=_STRICT)
-class RunConfig:
-    """A whole run: one section per stage, as in ``run.yaml``."""
-
-    data: DataConfig
-    reference: ReferenceConfig
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
 @dataclass(config=_STRICT)
@@ -174,6 +189,7 @@ class GenerationConfig:
     max_actors: int = 1
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
+    placement: Placement = dataclasses.field(default_factory=Placement)
 
 
 @dataclass(config=_STRICT)
@@ -193,6 +209,7 @@ class JudgeConfig:
     num_actors: int = 1
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
+    placement: Placement = dataclasses.field(default_factory=Placement)
 
 
 @dataclass(config=_STRICT)
@@ -202,8 +219,10 @@ class EvalConfig:
     # JSONL/Parquet/JSON/CSV rows with a ``prompt`` (text or chat messages), or preference rows
     # (the baseline ``chosen`` needs those); see docs/eval.md.
     prompts: str
-    policies: list[str]  # model folders, hub ids or run directories (their final_model/)
     judges: list[JudgeConfig]
+    # Model folders, hub ids or run directories (their final_model/); in a pipeline run, empty
+    # means the model just trained.
+    policies: list[str] = dataclasses.field(default_factory=list)
     # "reference" (the reference model's samples), "chosen" (the dataset's chosen responses) or a
     # model folder / hub id.
     baseline: str = "reference"
@@ -219,6 +238,16 @@ class EvalConfig:
     confidence: float = 0.95
     n_resamples: int = 2000  # bootstrap resamples (prompts are resampled, samples stay together)
     bootstrap_seed: int = 0
+
+
+@dataclass(config=_STRICT)
+class RunConfig:
+    """A whole run: one section per stage, as in ``run.yaml``."""
+
+    data: DataConfig
+    reference: ReferenceConfig
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig | None = None  # used by `dpo-ray pipeline` after training
 
 
 C = TypeVar("C")
@@ -285,6 +314,18 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         raise ValueError(f"invalid {cls.__name__} ({path or 'no file'}): {problems}") from None
     except TypeError as err:  # unknown keys surface as TypeError for some pydantic paths
         raise ValueError(f"invalid {cls.__name__} ({path or 'no file'}): {err}") from None
+
+
+def local_dir(path: str, field: str) -> Path:
+    """A run/eval directory: a path (``file://`` allowed). On a cluster it must be mounted on every
+    node (NFS/EFS/...); object-store URIs are refused here because checkpoints and metrics are
+    written with ordinary file operations from several nodes."""
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    if "://" in path:
+        raise ValueError(f"{field}={path!r}: use a path every node mounts (NFS, EFS, a FUSE-mounted "
+                         "bucket); object-store URIs are supported for reference.cache_dir and data")
+    return Path(path).expanduser().absolute()
 
 
 def config_dict(config: Any) -> dict:

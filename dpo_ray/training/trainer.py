@@ -24,7 +24,7 @@ import ray.train
 from ray.data import DataContext
 from ray.train.torch import TorchTrainer
 
-from dpo_ray.config import RunConfig, save_config
+from dpo_ray.config import RunConfig, local_dir, save_config
 from dpo_ray.data import prepare_pairs
 from dpo_ray.reference import ensure_reference
 from dpo_ray.reference.cache import model_fingerprint
@@ -65,7 +65,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def _run_dir(config: RunConfig) -> Path:
     t = config.train
     name = t.run_name or time.strftime("dpo-%Y%m%d-%H%M%S")
-    run_dir = Path(t.output_dir).expanduser().absolute() / name
+    run_dir = local_dir(t.output_dir, "train.output_dir") / name
     if t.resume and latest_checkpoint(run_dir) is None:
         raise FileNotFoundError(f"train.resume=true but {run_dir} has no checkpoint to resume from")
     if not t.resume and run_dir.exists():
@@ -160,7 +160,10 @@ def train(config: RunConfig, source=None) -> TrainResult:
         train_loop_config={"run": config, "meta": meta},
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu,
-            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}),
+                                  **t.placement.resources},
+            accelerator_type=t.placement.accelerator_type,
+            label_selector=dict(t.placement.label_selector) or None),
         run_config=ray.train.RunConfig(
             name=attempt, storage_path=str(run_dir),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),

@@ -1,0 +1,42 @@
+"""The whole flow as one job: data -> reference -> train -> held-out pair accuracy -> win rate.
+
+    dpo-ray pipeline --config run.yaml            # locally, or through `ray job submit`
+
+Each stage is the same function its own subcommand runs, so any stage can be re-run alone from
+the artifacts this leaves: the reference cache entry (reused on a re-run), the run directory
+(config, metrics, checkpoints, final_model/), ``pair_accuracy.json`` and the eval directory.
+``pipeline.json`` in the run directory lists them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+from dpo_ray.config import RunConfig
+
+
+def run_pipeline(config: RunConfig) -> dict:
+    from dpo_ray.eval import evaluate
+    from dpo_ray.eval.pairs import pair_accuracy
+    from dpo_ray.training import train
+
+    result = train(config)  # runs (or reuses) the data and reference stages first
+    summary: dict = {"run_dir": str(result.run_dir), "final_model": str(result.final_model),
+                     "reference_key": result.reference_key}
+    if result.reference_key:
+        summary["reference_cache"] = json.loads((result.run_dir / "reference.json").read_text())["path"]
+    if config.train.eval_fraction > 0:
+        summary["pair_accuracy"] = pair_accuracy(result.run_dir)
+    if config.eval is not None:
+        ev = config.eval
+        ev = replace(ev, policies=ev.policies or [str(result.run_dir)],
+                     output_dir=str(result.run_dir) if ev.output_dir == "evals" else ev.output_dir,
+                     name=ev.name or "eval")
+        evaluated = evaluate(ev)
+        summary["eval_dir"] = str(evaluated.eval_dir)
+        summary["win_rates"] = [{k: r[k] for k in ("policy", "judge", "win_rate", "ci_low", "ci_high")}
+                                for r in evaluated.summary["results"]]
+    (result.run_dir / "pipeline.json").write_text(json.dumps(summary, indent=2))
+    print(f"pipeline finished: {result.run_dir / 'pipeline.json'}", flush=True)
+    return summary

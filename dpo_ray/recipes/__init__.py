@@ -1,0 +1,1 @@
+"""End-to-end experiments built from the stages (data -> reference -> train -> eval)."""

@@ -1,0 +1,262 @@
+"""Controlled-sentiment DPO (the DPO paper's IMDb experiment in miniature), with iterative rounds.
+
+Each round:
+1. the **current policy** samples ``samples_per_prompt`` continuations of every training prompt
+   (generation actor pool);
+2. the **training judge** (a packaged sentiment lexicon) scores them; per prompt the best and the
+   worst become a pair (rejection sampling), near-ties (gap < ``min_score_gap``) are skipped, and
+   the scores stay in the pairs file;
+3. reference log-probs for the new pairs are computed once on the reference actor pool (the
+   reference is the original model, or the previous round's policy with ``reference: previous``);
+4. DPO on Ray Train from the current policy.
+Finally every round's policy is evaluated on held-out prompts against the original model, under
+the training judge **and** a second judge it never trained on (a gap between them exposes reward
+hacking), with KL to the original model, and a report (Markdown + PNG) is written.
+
+Why ``reference: initial`` by default: the win rate and KL are measured against the original model,
+and keeping the same anchor keeps every round's objective the KL-regularised one the DPO paper
+derives, relative to that model; a moving reference lets drift compound round after round (it
+regularises only the last step) and makes each round's rewards incomparable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import time
+from dataclasses import asdict, field, replace
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+from pydantic.dataclasses import dataclass
+
+from dpo_ray.config import (_STRICT, DataConfig, EvalConfig, GenerationConfig, JudgeConfig,
+                            ReferenceConfig, RunConfig, TrainConfig, save_config)
+
+INSTRUCTION = "Continue this movie review with one more sentence:\n\n{prefix}"
+
+
+@dataclass(config=_STRICT)
+class SentimentConfig:
+    model: str | None = None  # None: SmolLM2-135M-Instruct, exported from its PyPI package
+    # Review text to take prefixes from, one per line (``__label__x`` tags are dropped); None:
+    # gensim's packaged Pang & Lee sentences (200 real movie-review sentences).
+    prompts_file: str | None = None
+    prefix_words: int = 6
+    held_out_prompts: int = 48
+    max_prompts: int | None = None  # cap on prompts read (train + held out)
+    rounds: int = 2
+    reference: Literal["initial", "previous"] = "initial"
+    train_judge: str = "vader"
+    check_judge: str = "textblob"  # never trained on
+    samples_per_prompt: int = 4
+    min_score_gap: float = 0.1
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(
+        max_new_tokens=20, temperature=1.0, batch_size=32, num_cpus_per_actor=2.0))
+    eval_samples_per_prompt: int = 2
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        beta=0.1, learning_rate=2e-5, lr_scheduler_type="constant", num_train_epochs=1,
+        per_device_train_batch_size=4, num_workers=2))
+    reference_batch_size: int = 32
+    output_dir: str = "runs/sentiment"
+
+
+SIZES = {
+    # Finishes on 2 CPU cores in about 15-20 minutes (numbers in the README).
+    "default": {},
+    # The same code path in a few minutes, for CI: fewer prompts, shorter samples, still 2 rounds.
+    "quick": {"max_prompts": 24, "held_out_prompts": 8, "samples_per_prompt": 2,
+              "eval_samples_per_prompt": 1,
+              "generation": {"max_new_tokens": 8}},
+}
+
+
+def sized(size: str = "default", overrides: list[str] | None = None) -> SentimentConfig:
+    """The config of a named size, then ``key=value`` overrides (``rounds=3``, ``train.beta=0.2``)."""
+    from dpo_ray.config import _merge, parse_overrides
+
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
+    tree = _merge(_merge(asdict(SentimentConfig()), SIZES[size]), parse_overrides(overrides or []))
+    return SentimentConfig(**tree)
+
+
+def pang_lee_sentences() -> Path:
+    """gensim's packaged Pang & Lee file, found without importing gensim (it is not needed)."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default prompts come from gensim's test data: "
+                                "pip install gensim (or pass prompts_file)")
+    return Path(spec.submodule_search_locations[0]) / "test" / "test_data" / "pang_lee_polarity.cor"
+
+
+def read_prefixes(config: SentimentConfig) -> tuple[list[str], list[str]]:
+    """(train, held-out) review prefixes. Held-out by hash of the sentence, so stable across runs."""
+    path = Path(config.prompts_file) if config.prompts_file else pang_lee_sentences()
+    prefixes = []
+    for lineno, line in enumerate(path.read_text(encoding="latin-1").splitlines(), 1):
+        words = [w for w in line.split() if not w.startswith("__label__")]
+        if len(words) < 2:
+            continue  # nothing to continue
+        prefixes.append(" ".join(words[:min(config.prefix_words, len(words) - 1)]))
+    prefixes = list(dict.fromkeys(prefixes))[:config.max_prompts]
+    if len(prefixes) <= config.held_out_prompts:
+        raise ValueError(f"{path}: {len(prefixes)} prompts, need more than held_out_prompts="
+                         f"{config.held_out_prompts}")
+    ranked = sorted(prefixes, key=lambda p: hashlib.sha256(p.encode()).hexdigest())
+    held = set(ranked[:config.held_out_prompts])
+    return [p for p in prefixes if p not in held], [p for p in prefixes if p in held]
+
+
+def _messages(prefix: str) -> list[dict]:
+    return [{"role": "user", "content": INSTRUCTION.format(prefix=prefix)}]
+
+
+def sample_and_score(policy: str, prefixes: list[str], config: SentimentConfig, seed: int) -> pd.DataFrame:
+    """``samples_per_prompt`` samples per prefix from the pool, scored by the training judge."""
+    import ray
+
+    from dpo_ray.eval.generate import generate
+    from dpo_ray.eval.judges import load_function
+    from dpo_ray.eval.prompts import prompt_id
+
+    prompts = pd.DataFrame({"prefix": prefixes, "prompt_json": [json.dumps(_messages(p)) for p in prefixes]})
+    prompts["prompt_id"] = [prompt_id(_messages(p)) for p in prefixes]
+    gen = replace(config.generation, num_samples=config.samples_per_prompt, seed=seed)
+    judge_name = config.train_judge
+
+    def score(batch: pd.DataFrame) -> pd.DataFrame:
+        fn = load_function(judge_name)
+        batch["score"] = [float(fn("", r)) for r in batch["response"]]
+        return batch
+
+    samples = generate(ray.data.from_pandas(prompts[["prompt_id", "prompt_json"]]), policy, gen)
+    scored = samples.map_batches(score, batch_format="pandas").to_pandas()
+    return scored.merge(prompts[["prompt_id", "prefix"]], on="prompt_id")
+
+
+def best_vs_worst(samples: pd.DataFrame, min_gap: float) -> tuple[list[dict], dict]:
+    """Per prompt: the highest-scoring sample is chosen, the lowest rejected (conversational rows
+    for the data stage, scores kept). Returns rows and counts (pairs, skipped near-ties/duplicates)."""
+    rows, near_ties = [], 0
+    for _, group in samples.groupby("prompt_id", sort=False):
+        group = group.sort_values("score", kind="stable")
+        worst, best = group.iloc[0], group.iloc[-1]
+        if best.score - worst.score < min_gap or best.response.strip() == worst.response.strip():
+            near_ties += 1
+            continue
+        rows.append({"prompt": _messages(best.prefix),
+                     "chosen": [{"role": "assistant", "content": best.response}],
+                     "rejected": [{"role": "assistant", "content": worst.response}],
+                     "score_chosen": float(best.score), "score_rejected": float(worst.score)})
+    return rows, {"pairs": len(rows), "skipped_near_ties": near_ties}
+
+
+def run(config: SentimentConfig) -> Path:
+    """The whole experiment; returns the report's path."""
+    from dpo_ray.assets import smollm2_path
+    from dpo_ray.eval import evaluate
+    from dpo_ray.ray_env import init_ray
+    from dpo_ray.training import train
+
+    started = time.perf_counter()
+    out = Path(config.output_dir).expanduser().absolute() / time.strftime("sentiment-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True)
+    save_config(config, out / "sentiment_config.yaml")
+    initial = config.model or str(smollm2_path())
+    init_ray()
+    train_prefixes, held_prefixes = read_prefixes(config)
+    (out / "held_out_prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": _messages(p)}) + "\n" for p in held_prefixes))
+    step = _progress(started, 3 * config.rounds + 1)
+    print(f"{len(train_prefixes)} training prompts, {len(held_prefixes)} held out; model {initial}",
+          flush=True)
+
+    policy, reference, rounds = initial, initial, []
+    for r in range(1, config.rounds + 1):
+        folder = out / f"round_{r}"
+        folder.mkdir()
+        step(f"round {r}: sampling {config.samples_per_prompt} per prompt from {Path(policy).name}")
+        samples = sample_and_score(policy, train_prefixes, config, seed=config.generation.seed + r)
+        samples.drop(columns=["prompt_input_ids", "response_input_ids"]).to_parquet(folder / "samples.parquet")
+        pairs, counts = best_vs_worst(samples, config.min_score_gap)
+        (folder / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        mean_score = float(samples["score"].mean())
+        print(f"round {r}: mean {config.train_judge} score of the policy's samples {mean_score:.3f}; "
+              f"{counts['pairs']} pairs, {counts['skipped_near_ties']} near-ties skipped", flush=True)
+
+        step(f"round {r}: reference values (reference {Path(reference).name}) and DPO")
+        run_config = RunConfig(
+            data=DataConfig(source=str(folder / "pairs.jsonl"), tokenizer=initial, format="conversational",
+                            max_length=256, max_prompt_length=128),
+            reference=ReferenceConfig(model=reference, batch_size=config.reference_batch_size,
+                                      num_cpus_per_actor=2.0, max_actors=1),
+            train=replace(config.train, model=policy, output_dir=str(out), run_name=f"round_{r}/dpo"))
+        result = train(run_config)
+        last = result.metrics[-1]
+        rounds.append({"round": r, "policy": str(result.run_dir), "reference": reference,
+                       "sample_mean_score": mean_score, **counts,
+                       "final_loss": last["loss"], "final_rewards/accuracies": last["rewards/accuracies"],
+                       "final_rewards/margins": last["rewards/margins"]})
+        policy = str(result.final_model)
+        if config.reference == "previous":
+            reference = policy
+        step(f"round {r} done")
+
+    step("evaluating every round's policy on held-out prompts against the original model")
+    judges = [JudgeConfig(kind="function", name=config.train_judge, label=f"{config.train_judge} (trained on)"),
+              JudgeConfig(kind="function", name=config.check_judge, label=f"{config.check_judge} (held-out judge)")]
+    result = evaluate(EvalConfig(
+        prompts=str(out / "held_out_prompts.jsonl"), policies=[r["policy"] for r in rounds],
+        reference=initial, baseline="reference", judges=judges, output_dir=str(out), name="eval",
+        generation=replace(config.generation, num_samples=config.eval_samples_per_prompt)))
+    report = write_report(out, config, rounds, result, time.perf_counter() - started)
+    print(f"done in {(time.perf_counter() - started) / 60:.1f} min\nreport: {report}\n"
+          f"trained model: {policy}", flush=True)
+    return report
+
+
+def _progress(started: float, total: int):
+    count = [0]
+
+    def step(message: str) -> None:
+        count[0] += 1
+        print(f"[{count[0]}/{total} {time.perf_counter() - started:6.0f}s] {message}", flush=True)
+
+    return step
+
+
+def write_report(out: Path, config: SentimentConfig, rounds: list[dict], result, seconds: float) -> Path:
+    from dpo_ray.eval.report import _short, plot_win_rates, results_table
+
+    names = {r["policy"]: f"round {r['round']}" for r in rounds}
+    results = [dict(r, policy=names[r["policy"]]) for r in result.summary["results"]]
+    plot_win_rates(results, out / "report.png", title="held-out win rate vs the original model")
+    samples = result.samples
+    base = samples[samples.role == "baseline"].set_index(["prompt_id", "sample_index"])
+    last = samples[(samples.role == "policy") & (samples.model_id == samples[samples.role == "policy"]
+                                                 .model_id.iloc[-1])]
+    lines = [
+        "# Controlled-sentiment DPO", "",
+        f"Model {Path(rounds[0]['reference']).name}; {config.rounds} round(s), reference "
+        f"`{config.reference}`; judges: {config.train_judge} (training reward) and "
+        f"{config.check_judge} (never trained on). {seconds / 60:.1f} minutes.", "",
+        "## Held-out win rate against the original model", "",
+        results_table(results), "", "![report](report.png)", "",
+        "## Rounds", "", "| round | mean train-judge score of samples | pairs | near-ties skipped | "
+        "final loss | rewards/accuracies | rewards/margins |", "|---|---|---|---|---|---|---|"]
+    for r in rounds:
+        lines.append(f"| {r['round']} | {r['sample_mean_score']:.3f} | {r['pairs']} | "
+                     f"{r['skipped_near_ties']} | {r['final_loss']:.4f} | "
+                     f"{r['final_rewards/accuracies']:.2f} | {r['final_rewards/margins']:.4f} |")
+    lines += ["", "## Samples before (original model) and after (last round)", ""]
+    for row in last.head(4).itertuples():
+        before = base.loc[(row.prompt_id, row.sample_index), "response"]
+        lines += [f"- before: {_short(before)}", f"  after: {_short(row.response)}"]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps({"config": asdict(config), "rounds": rounds,
+                                                  "eval": results, "minutes": seconds / 60}, indent=2))
+    return path

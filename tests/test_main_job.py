@@ -1,0 +1,59 @@
+"""The main job (controlled-sentiment DPO with iterative rounds) at its quick size, through
+jobs/main.py as the README runs it, on the real SmolLM2 and the real Pang & Lee sentences."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _main_module():
+    spec = importlib.util.spec_from_file_location("dpo_main_job", REPO / "jobs" / "main.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_main_job_runs_two_rounds_and_reports(ray_session, smollm2, tmp_path, capsys):
+    assert _main_module().main(["--size", "quick", f"output_dir={tmp_path}"]) == 0
+    printed = capsys.readouterr().out
+    (out,) = list(tmp_path.glob("sentiment-*"))
+    assert f"report: {out / 'report.md'}" in printed
+    assert "[7/7" in printed  # progress through every step
+
+    summary = json.loads((out / "summary.json").read_text())
+    rounds = summary["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["pairs"] > 0 and r["pairs"] + r["skipped_near_ties"] == 16  # 24 prompts - 8 held out
+        pairs = [json.loads(line) for line in (out / f"round_{r['round']}" / "pairs.jsonl").open()]
+        assert all(p["score_chosen"] - p["score_rejected"] >= 0.1 for p in pairs)  # min_score_gap
+        assert all(p["prompt"][0]["role"] == "user" and p["chosen"][0]["role"] == "assistant"
+                   for p in pairs)
+    # Round 2 samples from round 1's policy; the reference stays the original model (default).
+    round2 = yaml.safe_load((out / "round_2" / "dpo" / "config.yaml").read_text())
+    assert round2["train"]["model"] == str(out / "round_1" / "dpo" / "final_model")
+    assert round2["reference"]["model"] == str(smollm2)
+    samples = pd.read_parquet(out / "round_2" / "samples.parquet")
+    assert set(samples.model_id) == {str(out / "round_1" / "dpo" / "final_model")}
+
+    # Both judges, both rounds, with CI and KL; the report shows them and the samples.
+    evals = summary["eval"]
+    assert {(e["policy"], e["judge"]) for e in evals} == {
+        (f"round {r}", j) for r in (1, 2) for j in ("vader (trained on)", "textblob (held-out judge)")}
+    for e in evals:
+        assert e["n"] == 8 and e["ci_low"] <= e["win_rate"] <= e["ci_high"]
+        assert e["kl_to_reference"] is not None
+    report = (out / "report.md").read_text()
+    assert "| round 2 | vader (trained on) |" in report and "textblob (held-out judge)" in report
+    assert "before:" in report and "after:" in report
+    assert (out / "report.png").stat().st_size > 0
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "round_2" / "dpo" / "final_model")
