@@ -66,16 +66,16 @@ def _submit(address, env, job_id, config_path) -> None:
     assert got.returncode == 0, got.stdout + got.stderr
 
 
-def _wait(address, env, job_id, timeout=900) -> tuple[str, str]:
+def _wait(address, job_id, timeout=900) -> tuple[str, str]:
+    """Poll with Ray's Python job API (the CLI's status line is for humans)."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
     deadline = time.time() + timeout
     while time.time() < deadline:
-        status = subprocess.run([RAY, "job", "status", "--address", address, job_id], env=env,
-                                capture_output=True, text=True, timeout=60, check=False).stdout
-        for state in ("SUCCEEDED", "FAILED", "STOPPED"):
-            if f"{state}" in status.split("Status for job")[-1]:
-                logs = subprocess.run([RAY, "job", "logs", "--address", address, job_id], env=env,
-                                      capture_output=True, text=True, timeout=60, check=False).stdout
-                return state, logs
+        status = client.get_job_status(job_id)
+        if status.is_terminal():
+            return str(status.value), client.get_job_logs(job_id)
         time.sleep(3)
     raise TimeoutError(f"job {job_id} did not finish in {timeout} s")
 
@@ -103,10 +103,11 @@ def _pipeline_config(tmp_path, hh_path, tiny_llama, source=None) -> Path:
     return path
 
 
-def test_pipeline_job_on_a_real_head_node(head, hh_path, tiny_llama, tmp_path):
+def test_pipeline_job_on_a_real_head_node(head, hh_path, tiny_llama, tmp_path, monkeypatch):
     address, env = head
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the job API client, as the CLI
     _submit(address, env, "dpo-pipeline-ok", _pipeline_config(tmp_path, hh_path, tiny_llama))
-    state, logs = _wait(address, env, "dpo-pipeline-ok")
+    state, logs = _wait(address, "dpo-pipeline-ok")
     assert state == "SUCCEEDED", logs[-4000:]
     run_dir = tmp_path / "runs" / "job"
     summary = json.loads((run_dir / "pipeline.json").read_text())
@@ -122,12 +123,14 @@ def test_pipeline_job_on_a_real_head_node(head, hh_path, tiny_llama, tmp_path):
     assert "pipeline finished" in logs
 
 
-def test_job_with_a_bad_row_fails_with_the_reason_in_its_logs(head, hh_path, tiny_llama, tmp_path):
+def test_job_with_a_bad_row_fails_with_the_reason_in_its_logs(head, hh_path, tiny_llama, tmp_path,
+                                                             monkeypatch):
     address, env = head
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
                    + json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
     _submit(address, env, "dpo-pipeline-bad", _pipeline_config(tmp_path, hh_path, tiny_llama, bad))
-    state, logs = _wait(address, env, "dpo-pipeline-bad", timeout=300)
+    state, logs = _wait(address, "dpo-pipeline-bad", timeout=300)
     assert state == "FAILED"
     assert "bad.jsonl, row 2: missing_field" in logs, logs[-3000:]

@@ -41,8 +41,9 @@ INSTRUCTION = "Continue this movie review with one more sentence:\n\n{prefix}"
 @dataclass(config=_STRICT)
 class SentimentConfig:
     model: str | None = None  # None: SmolLM2-135M-Instruct, exported from its PyPI package
-    # Review text to take prefixes from, one per line (``__label__x`` tags are dropped); None:
-    # gensim's packaged Pang & Lee sentences (200 real movie-review sentences).
+    # Review text to take openings from, one per line (``__label__x`` tags are dropped), or a
+    # data file whose rows' prompts are used as they are (e.g. a preference file); None: gensim's
+    # packaged Pang & Lee sentences (200 real movie-review sentences).
     prompts_file: str | None = None
     prefix_words: int = 6
     held_out_prompts: int = 48
@@ -92,38 +93,53 @@ def pang_lee_sentences() -> Path:
     return Path(spec.submodule_search_locations[0]) / "test" / "test_data" / "pang_lee_polarity.cor"
 
 
-def read_prefixes(config: SentimentConfig) -> tuple[list[str], list[str]]:
-    """(train, held-out) review prefixes. Held-out by hash of the sentence, so stable across runs."""
+def read_prompts(config: SentimentConfig) -> tuple[list[list[dict]], list[list[dict]]]:
+    """(train, held-out) prompts as chat messages, split by hash of the prompt (stable across runs).
+
+    A text file gives review openings (the first ``prefix_words`` words of each line) wrapped in
+    ``INSTRUCTION``; a data file (JSONL/JSON/Parquet/CSV, e.g. a preference file) gives its rows'
+    prompts as they are (text becomes a user turn; messages stay messages).
+    """
+    from dpo_ray.data.sources import EXTENSIONS
+
     path = Path(config.prompts_file) if config.prompts_file else pang_lee_sentences()
-    prefixes = []
-    for lineno, line in enumerate(path.read_text(encoding="latin-1").splitlines(), 1):
-        words = [w for w in line.split() if not w.startswith("__label__")]
-        if len(words) < 2:
-            continue  # nothing to continue
-        prefixes.append(" ".join(words[:min(config.prefix_words, len(words) - 1)]))
-    prefixes = list(dict.fromkeys(prefixes))[:config.max_prompts]
-    if len(prefixes) <= config.held_out_prompts:
-        raise ValueError(f"{path}: {len(prefixes)} prompts, need more than held_out_prompts="
+    keyed = {}  # split key -> messages; the key is the review opening, or the prompt as JSON
+    if str(path).endswith(EXTENSIONS):
+        from dpo_ray.eval.prompts import load_prompts
+
+        frame, _ = load_prompts(str(path), on_bad_row="skip")
+        for prompt in map(json.loads, frame["prompt_json"]):
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            keyed.setdefault(json.dumps(messages), messages)
+    else:
+        for line in path.read_text(encoding="latin-1").splitlines():
+            words = [w for w in line.split() if not w.startswith("__label__")]
+            if len(words) >= 2:  # something left to continue
+                prefix = " ".join(words[:min(config.prefix_words, len(words) - 1)])
+                keyed.setdefault(prefix, _messages(prefix))
+    keys = list(keyed)[:config.max_prompts]
+    if len(keys) <= config.held_out_prompts:
+        raise ValueError(f"{path}: {len(keys)} prompts, need more than held_out_prompts="
                          f"{config.held_out_prompts}")
-    ranked = sorted(prefixes, key=lambda p: hashlib.sha256(p.encode()).hexdigest())
-    held = set(ranked[:config.held_out_prompts])
-    return [p for p in prefixes if p not in held], [p for p in prefixes if p in held]
+    held = set(sorted(keys, key=lambda k: hashlib.sha256(k.encode()).hexdigest())[:config.held_out_prompts])
+    return [keyed[k] for k in keys if k not in held], [keyed[k] for k in keys if k in held]
 
 
 def _messages(prefix: str) -> list[dict]:
     return [{"role": "user", "content": INSTRUCTION.format(prefix=prefix)}]
 
 
-def sample_and_score(policy: str, prefixes: list[str], config: SentimentConfig, seed: int) -> pd.DataFrame:
-    """``samples_per_prompt`` samples per prefix from the pool, scored by the training judge."""
+def sample_and_score(policy: str, prompts: list[list[dict]], config: SentimentConfig,
+                     seed: int) -> pd.DataFrame:
+    """``samples_per_prompt`` samples per prompt from the pool, scored by the training judge."""
     import ray
 
     from dpo_ray.eval.generate import generate
     from dpo_ray.eval.judges import load_function
     from dpo_ray.eval.prompts import prompt_id
 
-    prompts = pd.DataFrame({"prefix": prefixes, "prompt_json": [json.dumps(_messages(p)) for p in prefixes]})
-    prompts["prompt_id"] = [prompt_id(_messages(p)) for p in prefixes]
+    frame = pd.DataFrame({"prompt_json": [json.dumps(p) for p in prompts],
+                          "prompt_id": [prompt_id(p) for p in prompts]})
     gen = replace(config.generation, num_samples=config.samples_per_prompt, seed=seed)
     judge_name = config.train_judge
 
@@ -132,9 +148,9 @@ def sample_and_score(policy: str, prefixes: list[str], config: SentimentConfig, 
         batch["score"] = [float(fn("", r)) for r in batch["response"]]
         return batch
 
-    samples = generate(ray.data.from_pandas(prompts[["prompt_id", "prompt_json"]]), policy, gen)
+    samples = generate(ray.data.from_pandas(frame), policy, gen)
     scored = samples.map_batches(score, batch_format="pandas").to_pandas()
-    return scored.merge(prompts[["prompt_id", "prefix"]], on="prompt_id")
+    return scored.merge(frame, on="prompt_id")
 
 
 def best_vs_worst(samples: pd.DataFrame, min_gap: float) -> tuple[list[dict], dict]:
@@ -147,7 +163,7 @@ def best_vs_worst(samples: pd.DataFrame, min_gap: float) -> tuple[list[dict], di
         if best.score - worst.score < min_gap or best.response.strip() == worst.response.strip():
             near_ties += 1
             continue
-        rows.append({"prompt": _messages(best.prefix),
+        rows.append({"prompt": json.loads(best.prompt_json),
                      "chosen": [{"role": "assistant", "content": best.response}],
                      "rejected": [{"role": "assistant", "content": worst.response}],
                      "score_chosen": float(best.score), "score_rejected": float(worst.score)})
@@ -167,11 +183,11 @@ def run(config: SentimentConfig) -> Path:
     save_config(config, out / "sentiment_config.yaml")
     initial = config.model or str(smollm2_path())
     init_ray()
-    train_prefixes, held_prefixes = read_prefixes(config)
+    train_prompts, held_prompts = read_prompts(config)
     (out / "held_out_prompts.jsonl").write_text(
-        "".join(json.dumps({"prompt": _messages(p)}) + "\n" for p in held_prefixes))
+        "".join(json.dumps({"prompt": p}) + "\n" for p in held_prompts))
     step = _progress(started, 3 * config.rounds + 1)
-    print(f"{len(train_prefixes)} training prompts, {len(held_prefixes)} held out; model {initial}",
+    print(f"{len(train_prompts)} training prompts, {len(held_prompts)} held out; model {initial}",
           flush=True)
 
     policy, reference, rounds = initial, initial, []
@@ -179,7 +195,7 @@ def run(config: SentimentConfig) -> Path:
         folder = out / f"round_{r}"
         folder.mkdir()
         step(f"round {r}: sampling {config.samples_per_prompt} per prompt from {Path(policy).name}")
-        samples = sample_and_score(policy, train_prefixes, config, seed=config.generation.seed + r)
+        samples = sample_and_score(policy, train_prompts, config, seed=config.generation.seed + r)
         samples.drop(columns=["prompt_input_ids", "response_input_ids"]).to_parquet(folder / "samples.parquet")
         pairs, counts = best_vs_worst(samples, config.min_score_gap)
         (folder / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
