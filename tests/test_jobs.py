@@ -52,8 +52,22 @@ def head(tmp_path_factory):
     try:
         yield address, env
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=dict(env, RAY_ADDRESS=f"127.0.0.1:{gcs}"),
-                       capture_output=True, timeout=120, check=False)
+        _stop_head(temp)
+
+
+def _stop_head(temp: Path) -> None:
+    """Stop this head only. `ray stop` would kill every Ray on the machine, including the test
+    session's own instance (and with it the pytest process, whose driver dies with its raylet).
+    The head's daemons and workers all carry its temp dir on their command line."""
+    import psutil
+
+    mine = [p for p in psutil.process_iter(["cmdline"])
+            if any(str(temp) in arg for arg in (p.info["cmdline"] or []))]
+    for process in mine:
+        process.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=15)
+    for process in alive:
+        process.kill()
 
 
 def _submit(address, env, job_id, config_path) -> None:
