@@ -79,6 +79,26 @@ def model_forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.T
                  position_ids=position_ids, use_cache=False).logits
 
 
+def concatenate_pairs(chosen_input_ids: torch.Tensor, chosen_attention_mask: torch.Tensor,
+                      rejected_input_ids: torch.Tensor, rejected_attention_mask: torch.Tensor,
+                      pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack chosen over rejected, right-padded to a common width: rows [0, B) are the chosen
+    sequences, rows [B, 2B) the rejected ones.
+
+    Args:
+        chosen_input_ids, rejected_input_ids: (B, Tc), (B, Tr) long.
+        *_attention_mask: same shapes, 1 on real tokens.
+    Returns (input_ids, attention_mask), each (2B, max(Tc, Tr)); padding is ``pad_id`` / 0.
+    """
+    width = max(chosen_input_ids.shape[1], rejected_input_ids.shape[1])
+
+    def widen(t: torch.Tensor, value: int) -> torch.Tensor:
+        return F.pad(t, (0, width - t.shape[1]), value=value)
+
+    return (torch.cat([widen(chosen_input_ids, pad_id), widen(rejected_input_ids, pad_id)]),
+            torch.cat([widen(chosen_attention_mask, 0), widen(rejected_attention_mask, 0)]))
+
+
 def concatenated_forward(model, chosen_input_ids: torch.Tensor, chosen_attention_mask: torch.Tensor,
                          rejected_input_ids: torch.Tensor, rejected_attention_mask: torch.Tensor,
                          prompt_lengths: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
@@ -95,13 +115,8 @@ def concatenated_forward(model, chosen_input_ids: torch.Tensor, chosen_attention
         ``rejected_tokens``, ``chosen_logits_mean``, ``rejected_logits_mean`` (detached).
     """
     batch = chosen_input_ids.shape[0]
-    width = max(chosen_input_ids.shape[1], rejected_input_ids.shape[1])
-
-    def widen(t: torch.Tensor, value: int) -> torch.Tensor:
-        return F.pad(t, (0, width - t.shape[1]), value=value)
-
-    input_ids = torch.cat([widen(chosen_input_ids, pad_id), widen(rejected_input_ids, pad_id)])
-    attention_mask = torch.cat([widen(chosen_attention_mask, 0), widen(rejected_attention_mask, 0)])
+    input_ids, attention_mask = concatenate_pairs(chosen_input_ids, chosen_attention_mask,
+                                                  rejected_input_ids, rejected_attention_mask, pad_id)
     labels = response_labels(input_ids, prompt_lengths.repeat(2), attention_mask)  # (2B, T)
     logits = model_forward_logits(model, input_ids, attention_mask)  # (2B, T, V)
     logps, tokens = sequence_logps(logits, labels)  # (2B,), (2B,)

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from dpo_ray.logps import (
-    IGNORE_INDEX, concatenated_forward, model_forward_logits, pad_sequences, response_labels,
+    IGNORE_INDEX, concatenate_pairs, concatenated_forward, model_forward_logits, pad_sequences, response_labels,
     sequence_logps,
 )
 
@@ -94,6 +94,16 @@ def test_concatenated_forward_equals_separate_passes():
         p, s = prompts[0], chosen[0]
         logits = model(input_ids=torch.tensor([s])).logits[0, len(p) - 1:len(s) - 1]
     assert float(out["chosen_logits_mean"][0]) == pytest.approx(float(logits.mean()), abs=1e-5)
+
+
+def test_concatenate_pairs_stacks_chosen_over_rejected_with_right_padding():
+    c_ids, c_mask = pad_sequences([[5, 6, 7], [8]], PAD)  # (2, 3)
+    r_ids, r_mask = pad_sequences([[9, 10, 11, 12, 13], [14, 15]], PAD)  # (2, 5)
+    ids, mask = concatenate_pairs(c_ids, c_mask, r_ids, r_mask, PAD)
+    assert ids.tolist() == [[5, 6, 7, 0, 0], [8, 0, 0, 0, 0],
+                            [9, 10, 11, 12, 13], [14, 15, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0],
+                             [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
 
 
 def test_shape_mismatch_is_an_error():

@@ -19,9 +19,8 @@ import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from dpo_ray.logps import concatenated_forward
+from dpo_ray.logps import concatenate_pairs, concatenated_forward
 from dpo_ray.losses import preference_loss, reward_model_loss
 from dpo_ray.models import load_causal_lm
 from dpo_ray.training.collate import RankPairCollate
@@ -164,14 +163,8 @@ def _pair_losses(model, batch: dict, t, pad_id: int):
     For a reward model: scalar scores s of chosen and rejected (one forward), the Bradley-Terry
     loss -log sigma(s_c - s_r), and the scores as rewards."""
     if t.objective == "reward_model":
-        width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-        ids = torch.cat([F.pad(batch["chosen_input_ids"], (0, width - batch["chosen_input_ids"].shape[1]),
-                               value=pad_id),
-                         F.pad(batch["rejected_input_ids"], (0, width - batch["rejected_input_ids"].shape[1]),
-                               value=pad_id)])
-        mask = torch.cat([F.pad(batch["chosen_attention_mask"], (0, width - batch["chosen_attention_mask"].shape[1])),
-                          F.pad(batch["rejected_attention_mask"],
-                                (0, width - batch["rejected_attention_mask"].shape[1]))])
+        ids, mask = concatenate_pairs(batch["chosen_input_ids"], batch["chosen_attention_mask"],
+                                      batch["rejected_input_ids"], batch["rejected_attention_mask"], pad_id)
         scores = model(input_ids=ids, attention_mask=mask).logits[:, 0].double()  # (2B,)
         chosen, rejected = scores.chunk(2)
         return {}, reward_model_loss(chosen, rejected), chosen.detach(), rejected.detach()
