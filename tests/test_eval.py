@@ -116,6 +116,19 @@ def test_bad_prompt_rows_are_named_or_counted(ray_session, tmp_path):
     assert counts["skipped"] == {"missing_field": 1, "malformed_json": 1}
 
 
+def test_eval_without_policies_or_judges_fails_before_any_work(tmp_path):
+    from dpo_ray.eval import evaluate
+
+    source = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hi"}])
+    vader = JudgeConfig(kind="function", name="vader")
+    with pytest.raises(ValueError, match=r"eval.policies is empty"):
+        evaluate(EvalConfig(prompts=str(source), judges=[vader], output_dir=str(tmp_path / "evals")))
+    with pytest.raises(ValueError, match=r"eval.judges is empty"):
+        evaluate(EvalConfig(prompts=str(source), judges=[], policies=["some/model"],
+                            output_dir=str(tmp_path / "evals")))
+    assert not (tmp_path / "evals").exists()  # nothing half-written
+
+
 def test_reward_model_on_real_hh_pairs_beats_chance(ray_session, hh_path, smollm2, tiny_llama,
                                                     tmp_path):
     """A Bradley-Terry reward model (tiny Llama + scalar head) trained by 2 Ray Train workers on

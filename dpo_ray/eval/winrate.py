@@ -124,6 +124,12 @@ def _baseline(prompts: pd.DataFrame, config: EvalConfig) -> tuple[str, pd.DataFr
 def evaluate(config: EvalConfig) -> EvalResult:
     from dpo_ray.ray_env import init_ray
 
+    # Checked before Ray starts and before any model loads: with nothing to compare, a run would
+    # otherwise generate the baseline for minutes and then fail on an empty result table.
+    for field in ("policies", "judges"):
+        if not getattr(config, field):
+            raise ValueError(f"eval.{field} is empty: name at least one (e.g. eval.{field}=[...] "
+                             "or in the config file); `dpo-ray pipeline` fills eval.policies itself")
     init_ray()
     name = config.name or time.strftime("eval-%Y%m%d-%H%M%S")
     out = local_dir(config.output_dir, "eval.output_dir") / name
