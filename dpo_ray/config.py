@@ -42,6 +42,23 @@ class Placement:
         return out
 
 
+def actor_pool_kwargs(stage, size: int | None = None) -> dict:
+    """``Dataset.map_batches`` keyword arguments for a stage's actor pool: its size
+    (``min_actors``/``max_actors``, or ``num_actors`` for a fixed pool; ``size`` overrides both),
+    CPUs/GPUs per actor and its ``placement``. ``stage`` is a ReferenceConfig, GenerationConfig or
+    JudgeConfig: one place decides how every pool in the framework is requested."""
+    from ray.data import ActorPoolStrategy
+
+    if hasattr(stage, "num_actors"):
+        low = high = stage.num_actors
+    else:
+        low, high = stage.min_actors, stage.max_actors
+    low, high = size or low, size or high
+    return {"compute": ActorPoolStrategy(min_size=low, max_size=high),
+            "num_cpus": stage.num_cpus_per_actor, "num_gpus": stage.num_gpus_per_actor,
+            **stage.placement.ray_data_kwargs()}
+
+
 @dataclass(config=_STRICT)
 class DataConfig:
     """Where preference pairs come from and how they become token ids.

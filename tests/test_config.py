@@ -49,3 +49,17 @@ def test_run_directories_are_paths_every_node_mounts():
     assert Placement().ray_data_kwargs() == {}
     assert Placement(resources={"dpo_score": 1}, accelerator_type="L4").ray_data_kwargs() == {
         "resources": {"dpo_score": 1.0}, "accelerator_type": "L4"}
+
+
+def test_every_actor_pool_is_requested_from_its_stage_config():
+    from dpo_ray.config import GenerationConfig, JudgeConfig, Placement, ReferenceConfig, actor_pool_kwargs
+
+    ref = ReferenceConfig(model="m", min_actors=1, max_actors=3, num_cpus_per_actor=2,
+                          placement=Placement(resources={"dpo_score": 1}))
+    kwargs = actor_pool_kwargs(ref)
+    assert (kwargs["compute"].min_size, kwargs["compute"].max_size) == (1, 3)
+    assert (kwargs["num_cpus"], kwargs["num_gpus"], kwargs["resources"]) == (2, 0, {"dpo_score": 1.0})
+    fixed = actor_pool_kwargs(GenerationConfig(min_actors=1, max_actors=4), size=2)["compute"]
+    assert (fixed.min_size, fixed.max_size) == (2, 2)
+    judge = actor_pool_kwargs(JudgeConfig(kind="function", name="vader", num_actors=3, num_gpus_per_actor=1))
+    assert (judge["compute"].min_size, judge["compute"].max_size, judge["num_gpus"]) == (3, 3, 1)

@@ -16,8 +16,8 @@ import json
 import pyarrow as pa
 import ray
 import torch
-from ray.data import ActorPoolStrategy
 
+from dpo_ray.config import actor_pool_kwargs
 from dpo_ray.logps import (
     model_forward_logits,
     pad_sequences,
@@ -145,10 +145,7 @@ class SequenceScorer:
 
 def _pool(config, size: int | None = None) -> dict:
     return {"batch_format": "pyarrow", "batch_size": config.batch_size,
-            "compute": ActorPoolStrategy(min_size=size or config.min_actors,
-                                      max_size=size or config.max_actors),
-            "num_cpus": config.num_cpus_per_actor, "num_gpus": config.num_gpus_per_actor,
-            **config.placement.ray_data_kwargs()}
+            **actor_pool_kwargs(config, size)}
 
 
 def generate(prompts: ray.data.Dataset, model_id: str, config) -> ray.data.Dataset:

@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import ray
-from ray.data import ActorPoolStrategy
 
-from dpo_ray.config import EvalConfig, JudgeConfig, local_dir, save_config
+from dpo_ray.config import EvalConfig, JudgeConfig, actor_pool_kwargs, local_dir, save_config
 from dpo_ray.eval import stats
 from dpo_ray.eval.generate import generate, score_samples
 from dpo_ray.eval.judges import build_judge
@@ -80,8 +79,7 @@ def run_judge(pairs: pd.DataFrame, config: JudgeConfig) -> pd.DataFrame:
                                      "baseline_response"]])
     judged = ds.repartition(target_num_rows_per_block=config.batch_size).map_batches(
         _JudgeActor, fn_constructor_args=(config,), batch_format="pandas", batch_size=config.batch_size,
-        compute=ActorPoolStrategy(size=config.num_actors), num_cpus=config.num_cpus_per_actor,
-        num_gpus=config.num_gpus_per_actor, **config.placement.ray_data_kwargs()).to_pandas()
+        **actor_pool_kwargs(config)).to_pandas()
     return pairs[["prompt_id", "sample_index"]].merge(judged, on=["prompt_id", "sample_index"],
                                                       how="left", validate="one_to_one")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pyarrow as pa
 import ray
 import torch
-from ray.data import ActorPoolStrategy
 
+from dpo_ray.config import actor_pool_kwargs
 from dpo_ray.logps import concatenated_forward, pad_sequences
 from dpo_ray.models import load_causal_lm, pick_device
 
@@ -105,8 +105,5 @@ def score_pairs(pairs: ray.data.Dataset, config, scorer_cls=ReferenceScorer) -> 
         fn_constructor_args=(config,),
         batch_format="pyarrow",
         batch_size=config.batch_size,
-        compute=ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
-        num_cpus=config.num_cpus_per_actor,
-        num_gpus=config.num_gpus_per_actor,
-        **config.placement.ray_data_kwargs(),
+        **actor_pool_kwargs(config),
     )
