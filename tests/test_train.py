@@ -131,6 +131,19 @@ def assert_same_run(result, reference_run):
     assert all(torch.allclose(w[k], ref[k], atol=1e-6) for k in w)
 
 
+def test_logged_metrics_are_means_over_the_steps_since_the_last_log(uninterrupted, hh_path,
+                                                                    tiny_llama, tmp_path):
+    """As TRL logs them: with logging_steps=3, step 3's record averages steps 1-3 (every step has
+    the same number of pairs), not step 3's batch alone."""
+    logged = train(run_config(hh_path, tiny_llama, tmp_path, "every3", logging_steps=3, **RESUME))
+    assert [m["step"] for m in logged.metrics] == [3, 6]
+    each = uninterrupted.metrics
+    for record, steps in zip(logged.metrics, (each[0:3], each[3:6])):
+        for name in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
+            assert record[name] == pytest.approx(sum(m[name] for m in steps) / 3, abs=1e-6), name
+        assert record["max_abs_logratio"] == pytest.approx(max(m["max_abs_logratio"] for m in steps))
+
+
 def test_stop_and_resume_continues_mid_epoch_with_the_same_data(uninterrupted, hh_path,
                                                                 tiny_llama, tmp_path):
     stopped = train(run_config(hh_path, tiny_llama, tmp_path, "part",

@@ -72,6 +72,9 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     collate = RankPairCollate(rank, world, t.gradient_accumulation_steps, meta["pad_id"])
     metrics_file = Path(meta["run_dir"]) / "metrics.jsonl"
+    # Logged metrics are means over every pair since the last log (as TRL/HF Trainer log them):
+    # with logging_steps > 1 a single 16-pair batch would swing rewards/accuracies by +-0.3.
+    window, window_logratio, window_seconds = [0.0] * len(_SUMS), 0.0, 0.0
     started = time.perf_counter()
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
@@ -109,6 +112,8 @@ def train_loop_per_worker(config: dict) -> None:
             totals = _all_reduce(sums, device)
             metrics = _means(totals, t.objective)
             metrics["max_abs_logratio"] = _all_max(max_abs_logratio, device)
+            window = [w + x for w, x in zip(window, totals)]
+            window_logratio = max(window_logratio, metrics["max_abs_logratio"])
             if world > 1 and not _same_on_all_ranks(fingerprint, device):
                 raise RuntimeError("ranks disagree on the global batch: the data order is not "
                                    "shared, so pairs would be skipped or repeated")
@@ -122,12 +127,7 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            elapsed = time.perf_counter() - started
-            metrics.update({"grad_norm": float(grad_norm), "learning_rate": scheduler.get_last_lr()[0],
-                            "peak_memory_mb": _all_max(_peak_memory_mb(device), device),
-                            "epoch": step / steps_per_epoch, "step": step,
-                            "pairs_per_second": totals[_SUMS.index("pairs")] / elapsed,
-                            "tokens_per_second": totals[_SUMS.index("tokens")] / elapsed})
+            window_seconds += time.perf_counter() - started
 
             # 7. Held-out evaluation on its cached reference values (same steps on every rank).
             if "eval" in meta["datasets"] and (step == total_steps or (
@@ -137,6 +137,14 @@ def train_loop_per_worker(config: dict) -> None:
             # 8. Report (a barrier: every rank, same steps); rank 0 logs and writes checkpoints.
             save = step == total_steps or (t.save_steps > 0 and step % t.save_steps == 0)
             if save or step % t.logging_steps == 0:
+                metrics.update(_means(window, t.objective))
+                metrics.update({"max_abs_logratio": window_logratio, "grad_norm": float(grad_norm),
+                                "learning_rate": scheduler.get_last_lr()[0],
+                                "peak_memory_mb": _all_max(_peak_memory_mb(device), device),
+                                "epoch": step / steps_per_epoch, "step": step,
+                                "pairs_per_second": window[_SUMS.index("pairs")] / window_seconds,
+                                "tokens_per_second": window[_SUMS.index("tokens")] / window_seconds})
+                window, window_logratio, window_seconds = [0.0] * len(_SUMS), 0.0, 0.0
                 if rank == 0:
                     with metrics_file.open("a") as f:
                         f.write(json.dumps(metrics) + "\n")
