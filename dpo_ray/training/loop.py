@@ -110,15 +110,14 @@ def train_loop_per_worker(config: dict) -> None:
 
             # 5. Metrics averaged over workers; the step-0 guard before anything is updated.
             totals = _all_reduce(sums, device)
-            metrics = _means(totals, t.objective)
-            metrics["max_abs_logratio"] = _all_max(max_abs_logratio, device)
+            step_logratio = _all_max(max_abs_logratio, device)
             window = [w + x for w, x in zip(window, totals)]
-            window_logratio = max(window_logratio, metrics["max_abs_logratio"])
+            window_logratio = max(window_logratio, step_logratio)
             if world > 1 and not _same_on_all_ranks(fingerprint, device):
                 raise RuntimeError("ranks disagree on the global batch: the data order is not "
                                    "shared, so pairs would be skipped or repeated")
             if step == 0 and meta["policy_is_reference"]:
-                _step0_guard(metrics, t)
+                _step0_guard({**_means(totals, t.objective), "max_abs_logratio": step_logratio}, t)
 
             # 6. Clip, step, schedule.
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
@@ -130,20 +129,21 @@ def train_loop_per_worker(config: dict) -> None:
             window_seconds += time.perf_counter() - started
 
             # 7. Held-out evaluation on its cached reference values (same steps on every rank).
+            evaluated = {}
             if "eval" in meta["datasets"] and (step == total_steps or (
                     t.eval_steps > 0 and step % t.eval_steps == 0)):
-                metrics.update(_evaluate(policy, rank, world, t, meta, device))
+                evaluated = _evaluate(policy, rank, world, t, meta, device)
 
             # 8. Report (a barrier: every rank, same steps); rank 0 logs and writes checkpoints.
             save = step == total_steps or (t.save_steps > 0 and step % t.save_steps == 0)
             if save or step % t.logging_steps == 0:
-                metrics.update(_means(window, t.objective))
-                metrics.update({"max_abs_logratio": window_logratio, "grad_norm": float(grad_norm),
-                                "learning_rate": scheduler.get_last_lr()[0],
-                                "peak_memory_mb": _all_max(_peak_memory_mb(device), device),
-                                "epoch": step / steps_per_epoch, "step": step,
-                                "pairs_per_second": window[_SUMS.index("pairs")] / window_seconds,
-                                "tokens_per_second": window[_SUMS.index("tokens")] / window_seconds})
+                metrics = {**_means(window, t.objective), "max_abs_logratio": window_logratio,
+                           **evaluated, "grad_norm": float(grad_norm),
+                           "learning_rate": scheduler.get_last_lr()[0],
+                           "peak_memory_mb": _all_max(_peak_memory_mb(device), device),
+                           "epoch": step / steps_per_epoch, "step": step,
+                           "pairs_per_second": window[_SUMS.index("pairs")] / window_seconds,
+                           "tokens_per_second": window[_SUMS.index("tokens")] / window_seconds}
                 window, window_logratio, window_seconds = [0.0] * len(_SUMS), 0.0, 0.0
                 if rank == 0:
                     with metrics_file.open("a") as f:
