@@ -33,7 +33,7 @@ import pandas as pd
 from pydantic.dataclasses import dataclass
 
 from dpo_ray.config import (_STRICT, DataConfig, EvalConfig, GenerationConfig, JudgeConfig,
-                            ReferenceConfig, RunConfig, TrainConfig, save_config)
+                            ReferenceConfig, RunConfig, TrainConfig, local_dir, save_config)
 
 INSTRUCTION = "Continue this movie review with one more sentence:\n\n{prefix}"
 
@@ -178,7 +178,7 @@ def run(config: SentimentConfig) -> Path:
     from dpo_ray.training import train
 
     started = time.perf_counter()
-    out = Path(config.output_dir).expanduser().absolute() / time.strftime("sentiment-%Y%m%d-%H%M%S")
+    out = local_dir(config.output_dir, "output_dir") / time.strftime("sentiment-%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
     save_config(config, out / "sentiment_config.yaml")
     initial = config.model or str(smollm2_path())
