@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from dpo_ray.config import RunConfig
+from dpo_ray.config import EvalConfig, RunConfig
+
+# An eval left at its default folder goes inside the run directory instead, next to the model.
+_DEFAULT_EVAL_DIR = EvalConfig.__dataclass_fields__["output_dir"].default
 
 
 def run_pipeline(config: RunConfig) -> dict:
@@ -31,7 +34,7 @@ def run_pipeline(config: RunConfig) -> dict:
     if config.eval is not None:
         ev = config.eval
         ev = replace(ev, policies=ev.policies or [str(result.run_dir)],
-                     output_dir=str(result.run_dir) if ev.output_dir == "evals" else ev.output_dir,
+                     output_dir=str(result.run_dir) if ev.output_dir == _DEFAULT_EVAL_DIR else ev.output_dir,
                      name=ev.name or "eval")
         evaluated = evaluate(ev)
         summary["eval_dir"] = str(evaluated.eval_dir)
