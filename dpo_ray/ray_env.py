@@ -24,3 +24,21 @@ def init_ray(address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=max(MIN_LOCAL_CPUS, os.cpu_count() or 1), include_dashboard=False)
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The user's exception inside Ray's wrappers: a ``RayTaskError`` from a task or actor carries
+    the original as ``cause`` (its message is Ray's stack text), and Ray Train's ``TrainingFailedError``
+    chains it as ``__cause__``. Our own errors should reach the user as themselves."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        inner = getattr(err, "cause", None)
+        if isinstance(inner, BaseException):
+            err = inner
+            continue
+        if isinstance(err, ray.exceptions.RayError) and err.__cause__ is not None:
+            err = err.__cause__
+            continue
+        break
+    return err

@@ -20,8 +20,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-# Reasons a row is rejected. Stable strings: they are counted in the skip report.
+# Reasons a row is rejected. Stable strings: they are counted in the skip report, and each has an
+# example line in docs/data.md.
 MALFORMED_JSON = "malformed_json"
+MALFORMED_CSV = "malformed_csv"  # unterminated quote, a row with more or fewer fields than the header
+ENCODING_ERROR = "encoding_error"  # bytes that are not UTF-8, or a lone surrogate such as "\\ud800"
+CORRUPT_FILE = "corrupt_file"  # a truncated or damaged gzip/Parquet file: the rest of it is unreadable
 MISSING_FIELD = "missing_field"
 WRONG_TYPE = "wrong_type"
 EMPTY_RESPONSE = "empty_response"
@@ -30,23 +34,40 @@ PROMPT_MISMATCH = "prompt_mismatch"
 NO_ASSISTANT_TURN = "no_assistant_turn"
 NO_ROOM_FOR_RESPONSE = "no_room_for_response"
 TEMPLATE_NOT_PREFIX = "template_not_prefix"
+BAD_ROLES = "bad_roles"  # a message role the conversation cannot have there (a user-role response)
+EMPTY_PROMPT = "empty_prompt"
+NO_CHAT_TEMPLATE = "no_chat_template"  # conversational rows with a tokenizer that has no template
+CHAT_TEMPLATE_ERROR = "chat_template_error"  # the template itself refused the messages
 DUPLICATE_PAIR = "duplicate_pair"  # same pair_id as an earlier row (found by the driver)
 BAD_ROW_REASONS = (
-    MALFORMED_JSON, MISSING_FIELD, WRONG_TYPE, EMPTY_RESPONSE, IDENTICAL_RESPONSES,
-    PROMPT_MISMATCH, NO_ASSISTANT_TURN, NO_ROOM_FOR_RESPONSE, TEMPLATE_NOT_PREFIX, DUPLICATE_PAIR,
+    MALFORMED_JSON, MALFORMED_CSV, ENCODING_ERROR, CORRUPT_FILE, MISSING_FIELD, WRONG_TYPE,
+    EMPTY_RESPONSE, EMPTY_PROMPT, IDENTICAL_RESPONSES, PROMPT_MISMATCH, NO_ASSISTANT_TURN,
+    BAD_ROLES, NO_ROOM_FOR_RESPONSE, TEMPLATE_NOT_PREFIX, NO_CHAT_TEMPLATE, CHAT_TEMPLATE_ERROR,
+    DUPLICATE_PAIR,
 )
+# Not row reasons: the whole input is unusable. Always raised, never skipped.
+NO_ROWS = "no_rows"  # an empty source (or only blank lines)
+NO_PAIRS_LEFT = "no_pairs_left"  # skip mode dropped every row
+UNREADABLE_SOURCE = "unreadable_source"  # a file that cannot be opened, an unknown file type
+ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
-class BadRow(ValueError):
-    """A row that cannot become a training pair. ``reason`` is one of ``BAD_ROW_REASONS``."""
+class PreferenceDataError(ValueError):
+    """Bad preference data: ``reason`` (a ``BAD_ROW_REASONS`` code, or a whole-input code such as
+    ``no_rows``), a human ``detail``, and where: ``source_file`` and 1-based ``source_row``
+    (0 = the file as a whole). The CLI prints it as one line and exits 2."""
 
     def __init__(self, reason: str, detail: str, source_file: str = "?", source_row: int = 0):
         self.reason, self.detail = reason, detail
         self.source_file, self.source_row = source_file, source_row
-        super().__init__(f"{source_file}, row {source_row}: {reason}: {detail}")
+        where = f"{source_file}, row {source_row}" if source_row else source_file
+        super().__init__(f"{where}: {reason}: {detail}")
 
     def __reduce__(self):  # keep the fields when Ray pickles the error back to the driver
-        return (BadRow, (self.reason, self.detail, self.source_file, self.source_row))
+        return (type(self), (self.reason, self.detail, self.source_file, self.source_row))
+
+
+BadRow = PreferenceDataError  # the name the row validators use
 
 
 Messages = list[dict[str, str]]
@@ -78,14 +99,47 @@ def _require(row: dict, column: str) -> Any:
     return row[column]
 
 
+def _content_text(content: Any, column: str, i: int) -> str:
+    """A message's content: a string, or OpenAI-style text parts ``[{"type": "text", "text": ...}]``
+    joined (the form many chat datasets use). Anything else (images, numbers) is refused."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in content):
+        return "".join(p["text"] for p in content)
+    what = "missing" if content is None else type(content).__name__
+    raise BadRow(WRONG_TYPE, f"field {column!r} message {i}: 'content' must be a string or a list "
+                 f"of text parts, got {what}")
+
+
 def _check_messages(value: Any, column: str) -> Messages:
     if not isinstance(value, list) or not value:
         raise BadRow(WRONG_TYPE, f"field {column!r} must be a non-empty list of messages")
+    messages = []
     for i, msg in enumerate(value):
-        if not (isinstance(msg, dict) and isinstance(msg.get("role"), str)
-                and isinstance(msg.get("content"), str)):
-            raise BadRow(WRONG_TYPE, f"field {column!r} message {i} needs string 'role' and 'content'")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+        if not (isinstance(msg, dict) and isinstance(msg.get("role"), str)):
+            raise BadRow(WRONG_TYPE, f"field {column!r} message {i} needs a string 'role' and "
+                         "'content'")
+        if msg["role"] not in ROLES:
+            raise BadRow(BAD_ROLES, f"field {column!r} message {i} has role {msg['role']!r}; "
+                         f"roles are {', '.join(ROLES)}")
+        messages.append({"role": msg["role"], "content": _content_text(msg.get("content"), column, i)})
+    return messages
+
+
+def _check_prompt_messages(prompt: Messages, column: str) -> None:
+    """The prompt must give the assistant something to answer: it ends on a user (or tool) turn."""
+    if prompt[-1]["role"] not in ("user", "tool"):
+        raise BadRow(BAD_ROLES, f"{column!r} ends with a {prompt[-1]['role']!r} message; the "
+                     "prompt must end with the user turn being answered")
+
+
+def _check_response_messages(response: Messages, column: str) -> None:
+    roles = {m["role"] for m in response}
+    if roles != {"assistant"}:
+        raise BadRow(BAD_ROLES, f"field {column!r}: a response must be assistant messages only, "
+                     f"got roles {sorted(roles)}")
 
 
 def _check_responses_differ(chosen: str, rejected: str) -> None:
@@ -114,6 +168,9 @@ def _explicit(row: dict, cfg) -> RawPair:
                           (cfg.rejected_column, rejected)):
         if not isinstance(value, str):
             raise BadRow(WRONG_TYPE, f"field {column!r} must be a string, got {type(value).__name__}")
+    if not prompt.strip():
+        raise BadRow(EMPTY_PROMPT, f"field {cfg.prompt_column!r} is empty: the first response "
+                     "token would have no context")
     _check_responses_differ(chosen, rejected)
     return RawPair("explicit", prompt, chosen, rejected)
 
@@ -144,14 +201,24 @@ def _conversational(row: dict, cfg) -> RawPair:
     if prompt_value is None:  # whole conversations: split off the final assistant message
         if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
             raise BadRow(NO_ASSISTANT_TURN, "conversations must end with an assistant message")
-        if chosen[:-1] != rejected[:-1] or len(chosen) < 2:
+        if len(chosen) < 2 or len(rejected) < 2:
+            raise BadRow(EMPTY_PROMPT, "a whole conversation needs at least one message before "
+                         "the final assistant message")
+        if chosen[:-1] != rejected[:-1]:
             raise BadRow(PROMPT_MISMATCH, "chosen and rejected conversations differ before the "
-                         "last assistant turn" if len(chosen) >= 2 else "no prompt messages")
+                         "last assistant turn")
         prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
     elif isinstance(prompt_value, str):
+        if not prompt_value.strip():
+            raise BadRow(EMPTY_PROMPT, f"field {cfg.prompt_column!r} is empty")
         prompt = [{"role": "user", "content": prompt_value}]
+    elif isinstance(prompt_value, list) and not prompt_value:
+        raise BadRow(EMPTY_PROMPT, f"field {cfg.prompt_column!r} is an empty message list")
     else:
         prompt = _check_messages(prompt_value, cfg.prompt_column)
+    _check_prompt_messages(prompt, cfg.prompt_column)
+    _check_response_messages(chosen, cfg.chosen_column)
+    _check_response_messages(rejected, cfg.rejected_column)
     _check_responses_differ("".join(m["content"] for m in chosen),
                             "".join(m["content"] for m in rejected))
     return RawPair("conversational", prompt, chosen, rejected)
@@ -160,10 +227,18 @@ def _conversational(row: dict, cfg) -> RawPair:
 _EXTRACT = {"explicit": _explicit, "implicit": _implicit, "conversational": _conversational}
 
 
+def read_error_reason(read_error: str | None) -> tuple[str, str]:
+    """``sources`` writes read errors as ``"<reason>: <detail>"`` -> (reason, detail)."""
+    reason, sep, detail = (read_error or "").partition(": ")
+    if sep and reason in BAD_ROW_REASONS:
+        return reason, detail
+    return MALFORMED_JSON, read_error or "unreadable row"
+
+
 def extract_pair(record: str | None, read_error: str | None, cfg) -> RawPair:
     """Parse and validate one record (JSON text from ``sources``). Raises ``BadRow``."""
     if record is None:
-        raise BadRow(MALFORMED_JSON, read_error or "unreadable row")
+        raise BadRow(*read_error_reason(read_error))
     row = json.loads(record)
     fmt = cfg.format if cfg.format != "auto" else detect_format(row, cfg.prompt_column,
                                                                  cfg.chosen_column)

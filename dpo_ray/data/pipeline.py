@@ -19,9 +19,10 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from dpo_ray.config import DataConfig, save_config
-from dpo_ray.data.formats import DUPLICATE_PAIR, BadRow
-from dpo_ray.data.sources import read_records
+from dpo_ray.data.formats import DUPLICATE_PAIR, NO_PAIRS_LEFT, NO_ROWS, PreferenceDataError
+from dpo_ray.data.sources import list_source, read_records
 from dpo_ray.data.tokenize import PAIR_SCHEMA, PairTokenizer
+from dpo_ray.ray_env import root_cause
 
 PAIR_COLUMNS = [name for name in PAIR_SCHEMA.names if not name.startswith("skip_")]
 _EXAMPLES_KEPT = 20
@@ -41,10 +42,23 @@ class DataReport:
     rejected_truncated: int = 0
     max_sequence_length: int = 0
     mean_sequence_length: float = 0.0
+    # Files under a source directory that were not read (unknown extension): listed, not dropped
+    # silently. ``data.file_format`` reads them.
+    ignored_files: list[str] = field(default_factory=list)
+
+    def check_balance(self) -> None:
+        """Every row read is either a pair or a counted skip; anything else is a bug here."""
+        if self.rows_read != self.pairs + sum(self.skipped.values()):
+            raise RuntimeError(f"data report does not balance: {self.rows_read} rows read, "
+                               f"{self.pairs} pairs, skipped {self.skipped}")
 
     def summary(self) -> str:
         lines = [f"read {self.rows_read} rows -> {self.pairs} pairs "
                  f"(formats: {self.formats or '-'})"]
+        if self.ignored_files:
+            shown = ", ".join(self.ignored_files[:5]) + (" ..." if len(self.ignored_files) > 5 else "")
+            lines.append(f"ignored {len(self.ignored_files)} files of unknown type (set "
+                         f"data.file_format to read them): {shown}")
         lines.append(f"truncated: {self.prompt_truncated} prompts, {self.chosen_truncated} chosen, "
                      f"{self.rejected_truncated} rejected responses")
         lines.append(f"sequence length: mean {self.mean_sequence_length:.1f}, "
@@ -97,6 +111,13 @@ def _report(stats) -> DataReport:
     )
 
 
+def source_name(config: DataConfig, source=None) -> str:
+    """How messages name the input: the configured source, or the in-memory object's kind."""
+    if source is None:
+        return str(config.source)
+    return source if isinstance(source, str) else f"<{type(source).__name__}>"
+
+
 def prepare_pairs(config: DataConfig, source=None) -> tuple[ray.data.Dataset, DataReport]:
     """Read, validate and tokenize every pair. Returns the kept pairs (materialized) and a report.
 
@@ -120,15 +141,28 @@ def prepare_pairs(config: DataConfig, source=None) -> tuple[ray.data.Dataset, Da
         ["pair_id", "source_file", "source_row", "format", "skip_reason", "skip_detail", "chosen_length",
          "rejected_length", "prompt_truncated", "chosen_truncated", "rejected_truncated"]
     ).to_pandas()
+    where = source_name(config, source)
+    if stats.empty:
+        raise PreferenceDataError(NO_ROWS, "no rows to read (empty files, or only blank lines)", where)
     stats = _mark_duplicates(stats)
     report = _report(stats)
+    read_from = config.source if source is None else source
+    if isinstance(read_from, str) and not read_from.startswith("hf://"):
+        report.ignored_files = list_source(read_from, config.file_format)[1]
+    report.check_balance()
+    counts = ", ".join(f"{k}={v}" for k, v in sorted(report.skipped.items()))
     if report.skipped and config.on_bad_row == "raise":
         first = report.skipped_examples[0]
         total = sum(report.skipped.values())
-        counts = ", ".join(f"{k}={v}" for k, v in sorted(report.skipped.items()))
         more = f" [{total} bad rows in all: {counts}]" if total > 1 else ""
-        raise BadRow(first["reason"], first["detail"] + more, first["source_file"],
-                     first["source_row"])
+        raise PreferenceDataError(first["reason"], first["detail"] + more, first["source_file"],
+                                  first["source_row"])
+    if report.pairs == 0:
+        first = report.skipped_examples[0]
+        raise PreferenceDataError(NO_PAIRS_LEFT, f"every one of {report.rows_read} rows was "
+                                  f"skipped ({counts}); first: {first['source_file']}, row "
+                                  f"{first['source_row']}: {first['reason']}: {first['detail']}",
+                                  where)
     pairs = tokenized
     if report.skipped:
         bad = stats[stats["skip_reason"].notna()]
@@ -145,14 +179,22 @@ def write_pairs(pairs: ray.data.Dataset, report: DataReport, config: DataConfig,
     Files go to a temporary sibling directory first and are renamed into place only when every
     block is written, so a crash never leaves a half-written ``pairs/`` that looks complete.
     """
-    out = Path(output_dir).absolute()
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(output_dir).expanduser().absolute()
     staging = out / f".pairs.tmp-{uuid.uuid4().hex[:8]}"
-    pairs.write_parquet(str(staging))
     final = out / "pairs"
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
-    (out / "data_report.json").write_text(json.dumps(asdict(report), indent=2))
-    save_config(config, out / "data_config.yaml")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        pairs.write_parquet(str(staging))
+        staging.mkdir(exist_ok=True)  # Ray writes no directory for an empty dataset
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        (out / "data_report.json").write_text(json.dumps(asdict(report), indent=2))
+        save_config(config, out / "data_config.yaml")
+    except OSError as err:  # disk full, read-only, a file where a folder should be
+        cause = root_cause(err)
+        raise OSError(getattr(cause, "errno", None),
+                      f"cannot write pairs to {out}: {getattr(cause, 'strerror', None) or cause}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return final

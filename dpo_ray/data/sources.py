@@ -9,7 +9,7 @@ column     type   meaning
 source_file string the file (or ``<DataFrame>`` / ``hf://id:split``) the row was read from
 source_row  int64  1-based line number (JSONL) or data row number (JSON array, Parquet, CSV)
 record      string the row as canonical JSON; null when the line could not be parsed
-read_error  string why the line could not be parsed (malformed JSON); null otherwise
+read_error  string why the row could not be read, as ``"<reason>: <detail>"``; null otherwise
 ========== ====== ==========================================================================
 
 Rows are kept as JSON text rather than typed Arrow columns on purpose: a file where one row has
@@ -19,15 +19,25 @@ row, instead of failing inside Arrow's schema unification with no row number.
 
 from __future__ import annotations
 
+import codecs
+import csv
 import glob
+import gzip
 import io
 import json
 import os
-from typing import Iterator
+import sys
+import zlib
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 import ray
 from ray.data.datasource import FileBasedDatasource
+
+from dpo_ray.data.formats import (
+    CORRUPT_FILE, ENCODING_ERROR, MALFORMED_CSV, MALFORMED_JSON, UNREADABLE_SOURCE, WRONG_TYPE,
+    PreferenceDataError,
+)
 
 RECORD_SCHEMA = pa.schema(
     [
@@ -37,11 +47,25 @@ RECORD_SCHEMA = pa.schema(
         ("read_error", pa.string()),
     ]
 )
+FILE_FORMATS = ("jsonl", "json", "csv", "parquet")
 EXTENSIONS = ("jsonl", "jsonl.gz", "json", "json.gz", "parquet", "csv", "csv.gz")
 _CHUNK = 1024  # rows per emitted block: small enough to stream, large enough to be cheap
+_GZIP_MAGIC = b"\x1f\x8b"
+# Decompression failures: a truncated stream (EOFError), bad bytes (zlib.error, BadGzipFile).
+_STREAM_ERRORS = (EOFError, OSError, zlib.error)
+Row = tuple[int, "str | None", "str | None"]  # (source_row, record, read_error)
 
 
-def _records_table(path: str, rows: list[tuple[int, str | None, str | None]]) -> pa.Table:
+def file_format(path: str, hint: str = "auto") -> str | None:
+    """jsonl/json/csv/parquet for ``path``: the hint when set, else the extension (any case,
+    ``.gz`` allowed). None for an unknown extension."""
+    if hint != "auto":
+        return hint
+    name = path.lower().removesuffix(".gz")
+    return next((fmt for fmt in FILE_FORMATS if name.endswith("." + fmt)), None)
+
+
+def _records_table(path: str, rows: list[Row]) -> pa.Table:
     return pa.table(
         {
             "source_file": [path] * len(rows),
@@ -53,110 +77,261 @@ def _records_table(path: str, rows: list[tuple[int, str | None, str | None]]) ->
     )
 
 
+def _json_default(value):
+    """Values JSON has no type for: bytes (Parquet binary columns) must be UTF-8 text."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8")  # UnicodeDecodeError -> the row's encoding_error
+    return str(value)  # dates, decimals: as text (validation then names a wrong type)
+
+
 def _canonical(row: dict) -> str:
-    return json.dumps(row, ensure_ascii=False, sort_keys=True, default=str)
+    return json.dumps(row, ensure_ascii=False, sort_keys=True, default=_json_default)
 
 
-def _iter_jsonl(lines: Iterator[str], path: str) -> Iterator[pa.Table]:
-    chunk: list[tuple[int, str | None, str | None]] = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue  # blank lines hold no record; line numbers stay physical
+def _record(row) -> tuple[str | None, str | None]:
+    """One parsed row -> (canonical JSON, None) or (None, "<reason>: <detail>")."""
+    if not isinstance(row, dict):
+        return None, f"{MALFORMED_JSON}: expected a JSON object, got {type(row).__name__}"
+    try:
+        text = _canonical(row)
+    except UnicodeDecodeError as err:
+        return None, f"{ENCODING_ERROR}: a bytes value is not UTF-8 text ({err.reason} at byte {err.start})"
+    except RecursionError:
+        return None, f"{MALFORMED_JSON}: nested too deep to process"
+    except (TypeError, ValueError) as err:
+        return None, f"{WRONG_TYPE}: {err}"
+    try:
+        text.encode("utf-8")  # Arrow strings are UTF-8: a lone surrogate would fail the whole block
+    except UnicodeEncodeError as err:
+        return None, (f"{ENCODING_ERROR}: {ascii(text[err.start])} is not valid Unicode text (bytes "
+                      "that are not UTF-8, or a lone surrogate escape such as \\ud800)")
+    return text, None
+
+
+def _chunks(rows: Iterable[Row], path: str) -> Iterator[pa.Table]:
+    chunk: list[Row] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= _CHUNK:
+            yield _records_table(path, chunk)
+            chunk = []
+    if chunk:
+        yield _records_table(path, chunk)
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, EOFError):
+        return "the compressed stream ends early (truncated file?)"
+    return f"{type(err).__name__}: {err}"
+
+
+def _jsonl_rows(raw_lines: Iterator[bytes]) -> Iterator[Row]:
+    """JSON Lines from raw byte lines. Each line is decoded on its own, so one line of bad bytes
+    is one bad row. A UTF-8 BOM on the first line (Windows editors) is dropped; CR, CRLF and LF
+    all end a line. Blank lines hold no record; line numbers stay physical."""
+    lineno = 0
+    while True:
         try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            chunk.append((lineno, _canonical(row), None))
-        except ValueError as err:
-            chunk.append((lineno, None, f"malformed JSON: {err}"))
-        if len(chunk) >= _CHUNK:
-            yield _records_table(path, chunk)
-            chunk = []
-    if chunk:
-        yield _records_table(path, chunk)
+            raw = next(raw_lines)
+        except StopIteration:
+            return
+        except _STREAM_ERRORS as err:
+            yield (lineno + 1, None, f"{CORRUPT_FILE}: {_describe(err)} after line {lineno}; the "
+                   "rest of the file cannot be read")
+            return
+        for piece in raw.splitlines() or [b""]:
+            lineno += 1
+            if lineno == 1 and piece.startswith(codecs.BOM_UTF8):
+                piece = piece[len(codecs.BOM_UTF8):]
+            if not piece.strip():
+                continue
+            try:
+                text = piece.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield (lineno, None, f"{ENCODING_ERROR}: byte {piece[err.start]:#04x} at offset "
+                       f"{err.start} of the line is not UTF-8")
+                continue
+            try:
+                yield (lineno, *_record(json.loads(text)))
+            except RecursionError:
+                yield (lineno, None, f"{MALFORMED_JSON}: nested deeper than the JSON parser allows")
+            except ValueError as err:
+                yield (lineno, None, f"{MALFORMED_JSON}: {err}")
 
 
-def _iter_rows(rows: Iterator[dict], path: str) -> Iterator[pa.Table]:
-    chunk = []
-    for index, row in enumerate(rows, start=1):
-        chunk.append((index, _canonical(row), None))
-        if len(chunk) >= _CHUNK:
-            yield _records_table(path, chunk)
-            chunk = []
-    if chunk:
-        yield _records_table(path, chunk)
+def _json_rows(binary, path: str) -> Iterator[Row]:
+    """A ``.json`` file: one JSON array of row objects, else read as JSON Lines."""
+    try:
+        content = binary.read()
+    except _STREAM_ERRORS as err:
+        yield (0, None, f"{CORRUPT_FILE}: {_describe(err)}")
+        return
+    try:
+        loaded = json.loads(content.decode("utf-8-sig"))
+    except RecursionError:
+        yield (1, None, f"{MALFORMED_JSON}: nested deeper than the JSON parser allows")
+        return
+    except ValueError:  # not one JSON document (or not UTF-8 as a whole): line by line
+        loaded = None
+    if isinstance(loaded, list):
+        for index, item in enumerate(loaded, start=1):
+            yield (index, *_record(item))
+        return
+    if isinstance(loaded, dict):
+        wrapped = [k for k, v in loaded.items() if isinstance(v, list) and v
+                   and all(isinstance(r, dict) for r in v)]
+        if wrapped:
+            yield (1, None, f"{MALFORMED_JSON}: the file is one JSON object holding rows under "
+                   f"{wrapped[0]!r}; write the rows as a JSON array or as JSON Lines")
+        else:
+            yield (1, *_record(loaded))
+        return
+    yield from _jsonl_rows(iter(content.splitlines()))
+
+
+def _csv_rows(binary) -> Iterator[Row]:
+    """CSV with a header row. Fields may be any size (Python's csv stops at 128 kB by default);
+    CRLF inside a quoted cell is kept; an Excel BOM is dropped; bytes that are not UTF-8 make that
+    row an ``encoding_error`` (kept as surrogates by ``surrogateescape`` and found in ``_record``).
+    Rows are numbered by data row (the header is not a row)."""
+    csv.field_size_limit(sys.maxsize)
+    text = io.TextIOWrapper(binary, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    reader = csv.reader(text, strict=True)
+    header, index, last_error_line = None, 0, -1
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            if reader.line_num == last_error_line:  # the reader cannot get past this point
+                return
+            last_error_line = reader.line_num
+            index += 1
+            yield (index, None, f"{MALFORMED_CSV}: {err} (line {reader.line_num})")
+            continue
+        except _STREAM_ERRORS as err:
+            yield (index + 1, None, f"{CORRUPT_FILE}: {_describe(err)} after data row {index}; "
+                   "the rest of the file cannot be read")
+            return
+        if not fields:
+            continue  # a blank line
+        if header is None:
+            header = fields
+            continue
+        index += 1
+        if len(fields) != len(header):
+            yield (index, None, f"{MALFORMED_CSV}: {len(fields)} fields, the header has "
+                   f"{len(header)} (line {reader.line_num})")
+            continue
+        yield (index, *_record(dict(zip(header, fields))))
+
+
+def _parquet_rows(f, path: str) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(f).iter_batches(batch_size=_CHUNK)
+    except (pa.ArrowException, OSError) as err:
+        yield (0, None, f"{CORRUPT_FILE}: not a readable Parquet file ({err})")
+        return
+    index = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as err:
+            yield (index + 1, None, f"{CORRUPT_FILE}: {err} after row {index}; the rest of the "
+                   "file cannot be read")
+            return
+        for row in batch.to_pylist():
+            index += 1
+            yield (index, *_record(row))
 
 
 class PreferenceFileDatasource(FileBasedDatasource):
-    """Streams JSONL/JSON/Parquet/CSV files (gzip by extension) into ``RECORD_SCHEMA`` blocks."""
+    """Streams JSONL/JSON/Parquet/CSV files into ``RECORD_SCHEMA`` blocks. Gzip is recognised by
+    its magic bytes, not the name, so ``x.jsonl`` holding gzip bytes and ``x.jsonl.gz`` holding
+    plain text both read. Nothing in a file raises: every problem becomes a row whose
+    ``read_error`` is ``"<reason>: <detail>"``, so the driver names the file and row (and skip
+    mode can count it) instead of Ray reporting a stack trace from a read task."""
 
-    _FILE_EXTENSIONS = list(EXTENSIONS)
+    def __init__(self, paths, file_format_hint: str = "auto", **kwargs):
+        super().__init__(paths, **kwargs)
+        self._hint = file_format_hint
 
     def _open_input_source(self, filesystem, path: str, **open_args):
-        if path.endswith(".parquet"):  # Parquet needs random access, not a stream
-            return filesystem.open_input_file(path)
-        return super()._open_input_source(filesystem, path, **open_args)
+        return filesystem.open_input_file(path)  # raw bytes: we sniff compression ourselves
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        if path.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            parquet = pq.ParquetFile(f)
-            rows = (row for batch in parquet.iter_batches(batch_size=_CHUNK) for row in batch.to_pylist())
-            yield from _iter_rows(rows, path)
+        fmt = file_format(path, self._hint)
+        if fmt == "parquet":
+            yield from _chunks(_parquet_rows(f, path), path)
             return
-        text = io.TextIOWrapper(io.BufferedReader(f), encoding="utf-8")
-        if path.endswith((".csv", ".csv.gz")):
-            import csv
-
-            yield from _iter_rows(csv.DictReader(text), path)
-            return
-        if path.endswith((".json", ".json.gz")):
-            content = text.read()
-            try:
-                loaded = json.loads(content)
-            except ValueError:
-                loaded = None  # not one JSON document: read it as JSON Lines below
-            if isinstance(loaded, list):
-                if not all(isinstance(r, dict) for r in loaded):
-                    bad = next(i for i, r in enumerate(loaded, 1) if not isinstance(r, dict))
-                    yield _records_table(path, [(bad, None, "malformed JSON: array item is not an object")])
-                    return
-                yield from _iter_rows(iter(loaded), path)
-                return
-            yield from _iter_jsonl(iter(content.splitlines()), path)
-            return
-        yield from _iter_jsonl(text, path)
+        magic = f.read(2)
+        f.seek(0)
+        binary = gzip.GzipFile(fileobj=f, mode="rb") if magic == _GZIP_MAGIC else io.BufferedReader(f)
+        if fmt == "csv":
+            rows = _csv_rows(binary)
+        elif fmt == "json":
+            rows = _json_rows(binary, path)
+        else:
+            rows = _jsonl_rows(iter(binary))
+        yield from _chunks(rows, path)
 
 
-def source_files(source: str) -> list[str]:
-    """The files a path, directory, glob or URI stands for, sorted: the exact list that is read
-    (and that the reference cache hashes). Hidden files (``.``/``_`` prefixes) are left out."""
+def list_source(source: str, hint: str = "auto") -> tuple[list[str], list[str]]:
+    """(files read, files ignored) for a path, directory, glob or URI, both sorted. A directory
+    is searched recursively for known extensions (any case) unless ``hint`` names a format;
+    hidden files (``.``/``_`` prefixes) are left out. An explicitly named file of unknown type is
+    an error that names ``data.file_format``."""
     from pyarrow import fs as pafs
 
     if "://" not in source and any(ch in source for ch in "*?["):
-        paths = sorted(os.path.abspath(p) for p in glob.glob(source, recursive=True)
+        named = sorted(os.path.abspath(p) for p in glob.glob(source, recursive=True)
                        if os.path.isfile(p))
-        if not paths:
+        if not named:
             raise FileNotFoundError(f"no files match {source!r}")
-        return paths
-    filesystem, root = pafs.FileSystem.from_uri(source if "://" in source else os.path.abspath(source))
-    info = filesystem.get_file_info(root)
+        for path in named:
+            _require_known_type(path, hint)
+        return named, []
+    try:
+        filesystem, root = pafs.FileSystem.from_uri(
+            source if "://" in source else os.path.abspath(os.path.expanduser(source)))
+        info = filesystem.get_file_info(root)
+    except (pa.ArrowException, OSError) as err:
+        raise PreferenceDataError(UNREADABLE_SOURCE, f"cannot open: {err}", source) from None
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"data source {source!r} does not exist")
     if info.type == pafs.FileType.File:
-        return [source if "://" in source else root]
+        path = source if "://" in source else root
+        _require_known_type(path, hint)
+        return [path], []
     entries = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
     scheme = source.split("://")[0] + "://" if "://" in source else ""
-    paths = sorted(
-        scheme + e.path
-        for e in entries
-        if e.type == pafs.FileType.File and e.path.endswith(EXTENSIONS)
-        and not any(part.startswith((".", "_")) for part in e.path[len(root):].split("/") if part)
-    )
+    visible = sorted(
+        scheme + e.path for e in entries
+        if e.type == pafs.FileType.File
+        and not any(part.startswith((".", "_")) for part in e.path[len(root):].split("/") if part))
+    paths = [p for p in visible if file_format(p, hint)]
     if not paths:
-        raise FileNotFoundError(f"no {'/'.join(EXTENSIONS)} files under {source!r}")
-    return paths
+        raise FileNotFoundError(f"no {'/'.join(EXTENSIONS)} files under {source!r} "
+                                "(set data.file_format to read other names)")
+    return paths, [p for p in visible if p not in set(paths)]
+
+
+def _require_known_type(path: str, hint: str) -> None:
+    if file_format(path, hint) is None:
+        raise PreferenceDataError(UNREADABLE_SOURCE, "unknown file type: name it .jsonl, .json, "
+                                  ".csv or .parquet (optionally .gz), or set data.file_format "
+                                  "to jsonl, json, csv or parquet", path)
+
+
+def source_files(source: str, hint: str = "auto") -> list[str]:
+    """The files a path, directory, glob or URI stands for, sorted: the exact list that is read
+    (and that the reference cache hashes)."""
+    return list_source(source, hint)[0]
 
 
 def _with_row_records(ds: ray.data.Dataset, name: str) -> ray.data.Dataset:
@@ -164,7 +339,7 @@ def _with_row_records(ds: ray.data.Dataset, name: str) -> ray.data.Dataset:
 
     def to_records(batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        return _records_table(name, [(r.pop("__row") + 1, _canonical(r), None) for r in rows])
+        return _records_table(name, [(r.pop("__row") + 1, *_record(r)) for r in rows])
 
     return ds.map_batches(to_records, batch_format="pyarrow", batch_size=_CHUNK, zero_copy_batch=True)
 
@@ -192,9 +367,8 @@ def read_records(source, config) -> ray.data.Dataset:
         )
         ds = _from_hf(hf, f"{source}:{config.hf_split}")
     elif isinstance(source, str):
-        ds = ray.data.read_datasource(
-            PreferenceFileDatasource(source_files(source), file_extensions=list(EXTENSIONS))
-        )
+        ds = ray.data.read_datasource(PreferenceFileDatasource(
+            source_files(source, config.file_format), file_format_hint=config.file_format))
     else:
         raise TypeError(f"unsupported data source of type {type(source).__name__}")
     if config.limit is not None:

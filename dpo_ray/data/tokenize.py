@@ -23,7 +23,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 from dpo_ray.data.formats import (
-    NO_ROOM_FOR_RESPONSE, TEMPLATE_NOT_PREFIX, BadRow, RawPair, extract_pair,
+    CHAT_TEMPLATE_ERROR, NO_CHAT_TEMPLATE, NO_ROOM_FOR_RESPONSE, TEMPLATE_NOT_PREFIX, BadRow, RawPair,
+    extract_pair,
 )
 
 # The tokenized-pairs contract (docs/data.md). Later stages add columns, never change these.
@@ -55,8 +56,15 @@ PAIR_SCHEMA = pa.schema(
 def render_conversation(tokenizer, prompt: list[dict], response: list[dict]) -> tuple[str, str]:
     """Render a chat as (prompt_text, response_text) with ``prompt_text + response_text`` equal
     to the template applied to the whole conversation."""
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    if not getattr(tokenizer, "chat_template", None):
+        raise BadRow(NO_CHAT_TEMPLATE, f"conversational row, but tokenizer "
+                     f"{tokenizer.name_or_path!r} has no chat template to render it with")
+    try:
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    except Exception as err:  # the template is user code (Jinja): it may refuse any message shape
+        raise BadRow(CHAT_TEMPLATE_ERROR, f"the chat template refused these messages: "
+                     f"{type(err).__name__}: {err}") from None
     if not full_text.startswith(prompt_text):
         raise BadRow(TEMPLATE_NOT_PREFIX, "the chat template renders the prompt differently when a "
                      "response follows, so the prompt would not be a prefix")
