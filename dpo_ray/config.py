@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import ConfigDict, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
 _STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+
+# Ranges are declared on the fields, so every bad value is refused when the config is built,
+# before Ray starts, with the field's name and the allowed range in the message.
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]  # a share of the pairs, 1 excluded
+Probability = Annotated[float, Field(gt=0, lt=1)]
 
 Format = Literal["auto", "explicit", "implicit", "conversational"]
 
@@ -29,6 +38,9 @@ class Placement:
     resources: dict[str, float] = dataclasses.field(default_factory=dict)
     accelerator_type: str | None = None
     label_selector: dict[str, str] = dataclasses.field(default_factory=dict)
+    # With an autoscaler, how long to wait for nodes that can hold the request before giving up
+    # (without one, a request no node can hold fails at once).
+    wait_timeout_s: NonNegative = 600.0
 
     def ray_data_kwargs(self) -> dict:
         """Keyword arguments for ``Dataset.map_batches`` (only the ones that are set)."""
@@ -46,14 +58,25 @@ def actor_pool_kwargs(stage, size: int | None = None) -> dict:
     """``Dataset.map_batches`` keyword arguments for a stage's actor pool: its size
     (``min_actors``/``max_actors``, or ``num_actors`` for a fixed pool; ``size`` overrides both),
     CPUs/GPUs per actor and its ``placement``. ``stage`` is a ReferenceConfig, GenerationConfig or
-    JudgeConfig: one place decides how every pool in the framework is requested."""
+    JudgeConfig: one place decides how every pool in the framework is requested, and checks that
+    the cluster can hold it (``dpo_ray.preflight.check_resources``)."""
+    import ray
     from ray.data import ActorPoolStrategy
+
+    from dpo_ray.preflight import check_resources
 
     if hasattr(stage, "num_actors"):
         low = high = stage.num_actors
     else:
         low, high = stage.min_actors, stage.max_actors
     low, high = size or low, size or high
+    # Ray would queue a pool no node can hold forever; fail (or wait for an autoscaler) instead.
+    # (Every stage connects to Ray before it builds a pool; without a connection there is no
+    # cluster to ask yet.)
+    if ray.is_initialized():
+        check_resources(f"{type(stage).__name__} actor pool",
+                        {"CPU": stage.num_cpus_per_actor, "GPU": stage.num_gpus_per_actor}, low,
+                        stage.placement)
     return {"compute": ActorPoolStrategy(min_size=low, max_size=high),
             "num_cpus": stage.num_cpus_per_actor, "num_gpus": stage.num_gpus_per_actor,
             **stage.placement.ray_data_kwargs()}
@@ -73,6 +96,9 @@ class DataConfig:
     # Tokenizer: a local folder or hub id (usually the policy model's).
     tokenizer: str
     format: Format = "auto"
+    # How files are parsed: by extension (auto; .jsonl/.json/.csv/.parquet in any case, .gz
+    # allowed), or this format for every file, e.g. ``jsonl`` for a ``pairs.txt``.
+    file_format: Literal["auto", "jsonl", "json", "csv", "parquet"] = "auto"
     prompt_column: str = "prompt"
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
@@ -80,11 +106,11 @@ class DataConfig:
     assistant_marker: str = "\n\nAssistant:"
     human_marker: str = "\n\nHuman:"
     # prompt + response tokens; the original DPO repo uses 512 / 256.
-    max_length: int = 512
+    max_length: Annotated[int, Field(ge=2)] = 512
     max_prompt_length: int | None = 256
     on_bad_row: Literal["raise", "skip"] = "raise"
     # Only the first N rows of the source (after reading, before validation); None = all.
-    limit: int | None = None
+    limit: PositiveInt | None = None
     # Hugging Face hub options, used with ``source: hf://...`` only.
     hf_split: str = "train"
     hf_name: str | None = None
@@ -92,13 +118,11 @@ class DataConfig:
     hf_revision: str | None = None
     trust_remote_code: bool = False
     # Ray Data: tokenizer actors (each loads the tokenizer once) and rows per batch.
-    tokenize_actors: int = 1
-    tokenize_batch_size: int = 256
-    tokenize_num_cpus: float = 1.0
+    tokenize_actors: PositiveInt = 1
+    tokenize_batch_size: PositiveInt = 256
+    tokenize_num_cpus: NonNegative = 1.0
 
     def __post_init__(self) -> None:
-        if self.max_length < 2:
-            raise ValueError(f"data.max_length must be >= 2, got {self.max_length}")
         if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
             raise ValueError(
                 f"data.max_prompt_length must be in [1, max_length={self.max_length}), "
@@ -122,15 +146,20 @@ class ReferenceConfig:
     # Local path or filesystem URI (file://, s3://, gs://) every node can reach.
     cache_dir: str = "~/.cache/dpo_ray/reference"
     # Actor pool: each actor loads the model once. GPUs per actor > 0 places actors on GPU nodes.
-    min_actors: int = 1
-    max_actors: int = 2
-    num_cpus_per_actor: float = 1.0
-    num_gpus_per_actor: float = 0.0
+    min_actors: PositiveInt = 1
+    max_actors: PositiveInt = 2
+    num_cpus_per_actor: NonNegative = 1.0
+    num_gpus_per_actor: NonNegative = 0.0
     # Pairs per actor call; inside a call pairs are sorted by length and run in micro-batches of
     # ``micro_batch_size`` pairs (2x sequences, chosen + rejected in one pass) to keep padding small.
-    batch_size: int = 64
-    micro_batch_size: int = 8
+    batch_size: PositiveInt = 64
+    micro_batch_size: PositiveInt = 8
     placement: Placement = dataclasses.field(default_factory=Placement)
+
+    def __post_init__(self) -> None:
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"reference.max_actors={self.max_actors} is below "
+                             f"min_actors={self.min_actors}")
 
 
 @dataclass(config=_STRICT)
@@ -145,67 +174,67 @@ class TrainConfig:
     # scalar-head model (AutoModelForSequenceClassification, 1 label) on the same pairs, with no
     # reference model at all (its rewards/* metrics are the head's scores).
     objective: Literal["dpo", "reward_model"] = "dpo"
-    beta: float = 0.1
+    beta: Positive = 0.1
     loss_type: Literal["sigmoid", "robust", "hinge", "ipo", "ipo_length_normalized"] = "sigmoid"
-    label_smoothing: float = 0.0
-    rpo_alpha: float = 0.0  # weight of the SFT (NLL on chosen) term
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
+    rpo_alpha: NonNegative = 0.0  # weight of the SFT (NLL on chosen) term
     optimizer: Literal["adamw", "rmsprop"] = "adamw"  # the DPO paper used RMSprop
-    learning_rate: float = 5e-7
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 0
+    learning_rate: Positive = 5e-7
+    weight_decay: NonNegative = 0.0
+    max_grad_norm: Positive = 1.0
+    warmup_steps: NonNegativeInt = 0
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = "linear"
-    num_train_epochs: int = 1
-    max_steps: int = -1  # > 0 stops after this many optimizer steps
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
+    num_train_epochs: PositiveInt = 1
+    max_steps: int = -1  # > 0 stops after this many optimizer steps (at most num_train_epochs)
+    per_device_train_batch_size: PositiveInt = 8
+    gradient_accumulation_steps: PositiveInt = 1
     seed: int = 0
     bf16: bool = False
     gradient_checkpointing: bool = False
     disable_dropout: bool = True  # as TRL: dropout would make policy and reference differ at step 0
     # Held-out evaluation: this share of pairs (chosen by pair_id hash: stable and disjoint from
     # training) is scored every eval_steps (0 = at the end only) with its cached reference values.
-    eval_fraction: float = 0.0
-    eval_steps: int = 0
-    per_device_eval_batch_size: int = 8
+    eval_fraction: Fraction = 0.0
+    eval_steps: NonNegativeInt = 0
+    per_device_eval_batch_size: PositiveInt = 8
     # Ray Train
-    num_workers: int = 2
+    num_workers: PositiveInt = 2
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: NonNegative = 1.0
     placement: Placement = dataclasses.field(default_factory=Placement)  # of the train workers
-    max_failures: int = 0
+    max_failures: Annotated[int, Field(ge=-1)] = 0  # -1 = retry forever
     # Run directory: <output_dir>/<run_name>; a new name per run unless resuming explicitly.
     output_dir: str = "runs"
     run_name: str | None = None  # default: dpo-<timestamp>
     resume: bool = False  # continue the run named run_name from its latest checkpoint
-    logging_steps: int = 1
-    save_steps: int = 0  # 0 = only at the end
-    save_total_limit: int | None = 2
+    logging_steps: PositiveInt = 1
+    save_steps: NonNegativeInt = 0  # 0 = only at the end
+    save_total_limit: PositiveInt | None = 2
     # Step-0 guard: when policy == reference weights, every |logp_policy - logp_ref| (nats) and,
     # for the sigmoid loss, |loss - ln 2| must be within this at the first step.
-    step0_tolerance: float = 1e-3
+    step0_tolerance: Positive = 1e-3
 
 
 @dataclass(config=_STRICT)
 class GenerationConfig:
     """Sampling on the generation actor pool (one model per actor, loaded once)."""
 
-    max_new_tokens: int = 64
+    max_new_tokens: PositiveInt = 64
     do_sample: bool = True  # False = greedy
-    temperature: float = 1.0  # the KL estimate is exact only at 1.0 (samples from the model itself)
-    top_p: float = 1.0
-    num_samples: int = 1  # samples per prompt
+    temperature: Positive = 1.0  # the KL estimate is exact only at 1.0 (samples from the model itself)
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    num_samples: PositiveInt = 1  # samples per prompt
     seed: int = 0
     # Text prompts become a user message in the tokenizer's chat template (when it has one);
     # false feeds the text as is (e.g. HH-style "\n\nHuman: ...\n\nAssistant:" prompts).
     chat_template: bool = True
-    max_prompt_length: int = 256  # prompt tokens kept (from the end)
+    max_prompt_length: PositiveInt = 256  # prompt tokens kept (from the end)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    batch_size: int = 16  # prompts per actor call; sorted by length inside the call
-    min_actors: int = 1
-    max_actors: int = 1
-    num_cpus_per_actor: float = 1.0
-    num_gpus_per_actor: float = 0.0
+    batch_size: PositiveInt = 16  # prompts per actor call; sorted by length inside the call
+    min_actors: PositiveInt = 1
+    max_actors: PositiveInt = 1
+    num_cpus_per_actor: NonNegative = 1.0
+    num_gpus_per_actor: NonNegative = 0.0
     placement: Placement = dataclasses.field(default_factory=Placement)
 
 
@@ -220,12 +249,12 @@ class JudgeConfig:
     name: str
     label: str | None = None  # how reports call it; default: name
     # Score judges: |score_a - score_b| <= tie_margin is a tie.
-    tie_margin: float = 0.0
+    tie_margin: NonNegative = 0.0
     template: str | None = None  # llm judges; None = dpo_ray.eval.judges.PAIRWISE_TEMPLATE
-    batch_size: int = 16
-    num_actors: int = 1
-    num_cpus_per_actor: float = 1.0
-    num_gpus_per_actor: float = 0.0
+    batch_size: PositiveInt = 16
+    num_actors: PositiveInt = 1
+    num_cpus_per_actor: NonNegative = 1.0
+    num_gpus_per_actor: NonNegative = 0.0
     placement: Placement = dataclasses.field(default_factory=Placement)
 
 
@@ -246,14 +275,14 @@ class EvalConfig:
     reference: str | None = None  # for baseline "reference" and the KL estimate; None = no KL
     # Preference rows: keep only pairs held out from training by the same pair_id hash rule as
     # train.eval_fraction (so prompts never overlap the training split).
-    held_out_fraction: float | None = None
-    limit: int | None = None  # first N distinct prompts
+    held_out_fraction: Probability | None = None
+    limit: PositiveInt | None = None  # first N distinct prompts
     on_bad_row: Literal["raise", "skip"] = "raise"  # skip: counted in summary.json
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
     output_dir: str = "evals"
     name: str | None = None  # default: eval-<timestamp>
-    confidence: float = 0.95
-    n_resamples: int = 2000  # bootstrap resamples (prompts are resampled, samples stay together)
+    confidence: Probability = 0.95
+    n_resamples: PositiveInt = 2000  # bootstrap resamples (prompts are resampled, samples stay together)
     bootstrap_seed: int = 0
 
 
@@ -287,7 +316,11 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} is not of the form key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({err})") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -309,7 +342,12 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     """
     tree: dict = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text: {err}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
         tree = loaded
@@ -326,7 +364,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     except ValidationError as err:
         where = f"{section}." if section else ""
         problems = "; ".join(
-            f"{where}{'.'.join(str(p) for p in e['loc']) or '?'}: {e['msg']}" for e in err.errors()
+            f"{where}{'.'.join(str(p) for p in e['loc']) or '?'}: {e['msg']}"
+            + (f" (got {e['input']!r})" if not isinstance(e.get("input"), (dict, list)) else "")
+            for e in err.errors()
         )
         raise ValueError(f"invalid {cls.__name__} ({path or 'no file'}): {problems}") from None
     except TypeError as err:  # unknown keys surface as TypeError for some pydantic paths
