@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,6 +15,7 @@ import torch
 from dpo_ray.assets import tiny_model
 from dpo_ray.config import DataConfig, ReferenceConfig, RunConfig, TrainConfig
 from dpo_ray.models import load_causal_lm
+from dpo_ray.reference.cache import STALE_ATTEMPT_S
 from dpo_ray.reference import (
     CacheCorrupt, ReferenceCache, ReferenceScorer, cache_key, ensure_reference, forward_counts,
 )
@@ -166,6 +168,10 @@ def test_killed_actor_then_rerun_gives_complete_cache(ray_session, hh_path, tiny
     partial = tmp_path / "cache" / key / "attempt-crashed"
     partial.mkdir(parents=True)
     (partial / "part-0.parquet").write_bytes(b"PAR1 truncated")
+    young = tmp_path / "cache" / key / "attempt-still-running"  # a concurrent run's, in progress
+    young.mkdir()
+    stale = time.time() - STALE_ATTEMPT_S - 60
+    os.utime(partial, (stale, stale))
     # 3. Rerun, with an actor killed after its first batch: Ray restarts it and retries.
     marker = tmp_path / "crash-once"
     marker.touch()
@@ -174,7 +180,8 @@ def test_killed_actor_then_rerun_gives_complete_cache(ray_session, hh_path, tiny
     rows = result.dataset.take_all()
     assert len(rows) == result.rows == result.data_report.pairs
     assert len({r["pair_id"] for r in rows}) == len(rows)
-    assert not partial.exists()  # other attempts are cleaned once an entry is committed
+    assert not partial.exists()  # stale attempts are cleaned once an entry is committed
+    assert young.exists()  # but never one that another run may still be writing
     manifest = ReferenceCache(ref_cfg.cache_dir).manifest(key)
     assert sum(f["rows"] for f in manifest["files"]) == len(rows)
 
@@ -190,7 +197,7 @@ def test_truncated_cache_file_is_detected_and_recomputed(ray_session, hh_path, t
     again = ensure_reference(data_cfg, ref_cfg)
     assert not again.cache_hit and forward_counts()["forwards"] > before
     assert victim.name in again.recomputed_because
-    assert list((tmp_path / "cache").glob(f"{first.key}.corrupt-*"))  # kept aside, never read
+    assert list((tmp_path / "cache" / first.key).glob("manifest.corrupt-*.json"))  # kept aside
     assert again.dataset.count() == first.rows
     ReferenceCache(ref_cfg.cache_dir).load(first.key)  # the new entry verifies
 

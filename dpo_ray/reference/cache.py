@@ -16,12 +16,23 @@ not inputs: changing them reuses the cache.
 Interrupted runs: scoring writes into a fresh ``attempt-*`` directory and the manifest is
 committed only after the rows are verified (count == pairs, no duplicate ``pair_id``). A crashed
 attempt has no manifest pointing at it, so its files are never read; the rerun *recomputes*
-rather than resuming. Recompute is chosen because a Ray Data write is not transactional (a
+rather than resuming.
+
+Concurrent runs: two runs that miss the same key both score, each into its own attempt; the first
+to commit wins (on a local or mounted disk the manifest is created with a hard link, which fails
+if it exists; object stores have no such primitive, so there the last writer wins, which is still
+correct because both attempts hold the same pairs). The loser deletes only its own attempt.
+Committed files are never deleted while a manifest points at them, so a reader iterating an entry
+cannot lose them; a corrupt entry's manifest is moved aside (``manifest.corrupt-*.json``) rather
+than its files, and unreferenced attempts are removed only when older than ``STALE_ATTEMPT_S``. Recompute is chosen because a Ray Data write is not transactional (a
 retried write task can leave a partial or doubled file), and proving a partial attempt complete
 costs about as much as scoring it again at the sizes where this runs on one node.
 
-Reading verifies every file against the manifest (bytes, sha256, Parquet row count); a mismatch
-raises ``CacheCorrupt`` naming the file, and the caller recomputes.
+Reading verifies every file against the manifest (bytes, sha256, Parquet row count, and the
+digest of the sorted ``pair_id`` column); a mismatch, or a manifest that is not valid JSON or
+lacks its fields, raises ``CacheCorrupt`` naming the file, and the caller recomputes. The caller
+(``stage.ensure_reference``) also proves the entry covers exactly the pairs of the data it was asked
+for, so an entry whose manifest and files agree but hold too few pairs is not a hit.
 """
 
 from __future__ import annotations
@@ -39,8 +50,9 @@ import pyarrow.parquet as pq
 import ray
 
 SCORING_VERSION = 1  # bump when scoring code changes the values it writes
+STALE_ATTEMPT_S = 6 * 3600  # an unreferenced attempt this old is a crashed run, not a running one
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
-_TOKENIZATION_FIELDS = ("format", "prompt_column", "chosen_column", "rejected_column",
+_TOKENIZATION_FIELDS = ("format", "file_format", "prompt_column", "chosen_column", "rejected_column",
                         "assistant_marker", "human_marker", "max_length", "max_prompt_length",
                         "limit", "hf_split", "hf_name", "hf_data_dir", "hf_revision")
 
@@ -84,7 +96,7 @@ def tokenizer_fingerprint(name_or_path: str) -> dict:
                       if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES)}}
 
 
-def data_fingerprint(source) -> dict:
+def data_fingerprint(source, data_config) -> dict:
     import pandas as pd
 
     from dpo_ray.data.sources import source_files
@@ -97,7 +109,7 @@ def data_fingerprint(source) -> dict:
     if source.startswith("hf://"):
         return {"hub_dataset": source}
     hashes = []
-    for path in source_files(source):
+    for path in source_files(source, data_config.file_format):
         filesystem, inner = pafs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
         with filesystem.open_input_stream(inner) as stream:
             hashes.append(_sha256_stream(stream))
@@ -113,7 +125,7 @@ def cache_key(data_config, ref_config, source=None) -> tuple[str, dict]:
         "dtype": ref_config.dtype,
         "tokenizer": tokenizer_fingerprint(data_config.tokenizer),
         "tokenization": {k: data_dict[k] for k in _TOKENIZATION_FIELDS},
-        "data": data_fingerprint(data_config.source if source is None else source),
+        "data": data_fingerprint(data_config.source if source is None else source, data_config),
     }
     blob = json.dumps(inputs, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:24], inputs
@@ -136,15 +148,29 @@ class ReferenceCache:
         return self._uri(key)
 
     def manifest(self, key: str) -> dict | None:
+        """The committed manifest, None when there is none; ``CacheCorrupt`` when it is unreadable
+        or lacks its fields (a hand-edited or half-copied file must not be trusted or stick)."""
         path = f"{self.base}/{key}/manifest.json"
         if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
             return None
-        with self.fs.open_input_stream(path) as f:
-            return json.loads(f.read())
+        where = f"reference cache {self.entry(key)}: manifest.json"
+        try:
+            with self.fs.open_input_stream(path) as f:
+                manifest = json.loads(f.read())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise CacheCorrupt(f"{where} is not valid JSON ({err})") from None
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, list) or not files or not isinstance(manifest.get("rows"), int):
+            raise CacheCorrupt(f"{where} lists no files or no row count")
+        if not all(isinstance(e, dict) and {"path", "rows", "bytes", "sha256"} <= set(e)
+                   for e in files):
+            raise CacheCorrupt(f"{where} has a file entry without path, rows, bytes or sha256")
+        return manifest
 
-    def verify(self, key: str, manifest: dict) -> None:
-        """Every listed file present with the recorded size, sha256 and Parquet row count."""
-        total = 0
+    def verify(self, key: str, manifest: dict) -> list[str]:
+        """Every listed file present with the recorded size, sha256 and Parquet row count, and the
+        pair ids matching the recorded digest. Returns the entry's pair ids."""
+        total, ids = 0, []
         for entry in manifest["files"]:
             path = f"{self.base}/{key}/{entry['path']}"
             info = self.fs.get_file_info(path)
@@ -157,28 +183,34 @@ class ReferenceCache:
                 if _sha256_stream(f) != entry["sha256"]:
                     raise CacheCorrupt(f"{where} content differs from its manifest checksum")
             with self.fs.open_input_file(path) as f:
-                rows = pq.ParquetFile(f).metadata.num_rows
-            if rows != entry["rows"]:
-                raise CacheCorrupt(f"{where} has {rows} rows, manifest says {entry['rows']}")
-            total += rows
+                table = pq.read_table(f, columns=["pair_id"])
+            if table.num_rows != entry["rows"]:
+                raise CacheCorrupt(f"{where} has {table.num_rows} rows, manifest says {entry['rows']}")
+            ids.extend(table.column("pair_id").to_pylist())
+            total += table.num_rows
         if total != manifest["rows"]:
             raise CacheCorrupt(f"reference cache {self.entry(key)}: {total} rows in files, "
                                f"manifest says {manifest['rows']}")
+        if "pair_ids_sha256" in manifest and pair_ids_digest(ids) != manifest["pair_ids_sha256"]:
+            raise CacheCorrupt(f"reference cache {self.entry(key)}: the files' pair ids differ "
+                               "from the manifest's digest")
+        return ids
 
-    def load(self, key: str) -> tuple[ray.data.Dataset, dict] | None:
-        """The verified entry as a Dataset, or None when there is no committed entry."""
+    def load(self, key: str) -> tuple[ray.data.Dataset, dict, list[str]] | None:
+        """The verified entry as a Dataset, its manifest and pair ids; None when not committed."""
         manifest = self.manifest(key)
         if manifest is None:
             return None
-        self.verify(key, manifest)
+        ids = self.verify(key, manifest)
         paths = [self._uri(key, e["path"]) for e in manifest["files"]]
-        return ray.data.read_parquet(paths), manifest
+        return ray.data.read_parquet(paths), manifest, ids
 
     def quarantine(self, key: str) -> str:
-        """Move a corrupt entry aside (kept for inspection, never read again)."""
-        target = f"{self.base}/{key}.corrupt-{int(time.time())}"
-        self.fs.move(f"{self.base}/{key}", target)
-        return target
+        """Set a corrupt entry aside: its manifest is moved (so it is never read again, and is
+        kept for inspection); its files stay until they are stale, in case a reader is on them."""
+        target = f"{self.base}/{key}/manifest.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.json"
+        self.fs.move(f"{self.base}/{key}/manifest.json", target)
+        return self._uri(*target[len(self.base) + 1:].split("/"))
 
     def commit(self, key: str, scored: ray.data.Dataset, inputs: dict, expected_rows: int) -> dict:
         """Write ``scored`` into a new attempt directory, verify it, then write the manifest.
@@ -205,18 +237,46 @@ class ReferenceCache:
         schema = pq.read_schema(self.fs.open_input_file(files[0])) if files else None
         manifest = {
             "key": key, "rows": len(ids), "files": entries, "inputs": inputs,
+            "pair_ids_sha256": pair_ids_digest(ids),
             "schema": {f.name: str(f.type) for f in schema} if schema else {},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        if not self._publish(key, manifest):  # another run committed this key first: use theirs
+            self.fs.delete_dir(f"{self.base}/{key}/{attempt}")
+            return self.manifest(key)
+        self._drop_stale_attempts(key, keep=attempt)
+        return manifest
+
+    def _publish(self, key: str, manifest: dict) -> bool:
+        """Write ``manifest.json`` unless one exists. False when another run got there first."""
+        final = f"{self.base}/{key}/manifest.json"
         tmp = f"{self.base}/{key}/.manifest-{uuid.uuid4().hex[:8]}.tmp"
         with self.fs.open_output_stream(tmp) as f:
             f.write(json.dumps(manifest, indent=2).encode())
-        self.fs.move(tmp, f"{self.base}/{key}/manifest.json")  # the commit point
-        self._drop_other_attempts(key, keep=attempt)
-        return manifest
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            try:
+                os.link(tmp, final)  # atomic create-if-absent: the commit point
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        if self.fs.get_file_info(final).type != pafs.FileType.NotFound:
+            self.fs.delete_file(tmp)
+            return False
+        self.fs.move(tmp, final)  # the commit point
+        return True
 
-    def _drop_other_attempts(self, key: str, keep: str) -> None:
+    def _drop_stale_attempts(self, key: str, keep: str) -> None:
+        """Remove attempts no manifest points at and that no live run can still be writing."""
+        now = time.time()
         for info in self.fs.get_file_info(pafs.FileSelector(f"{self.base}/{key}")):
             name = info.path.rsplit("/", 1)[-1]
-            if info.type == pafs.FileType.Directory and name.startswith("attempt-") and name != keep:
+            if (info.type == pafs.FileType.Directory and name.startswith("attempt-") and name != keep
+                    and info.mtime is not None and now - info.mtime.timestamp() > STALE_ATTEMPT_S):
                 self.fs.delete_dir(info.path)
+
+
+def pair_ids_digest(ids: list[str]) -> str:
+    """sha256 of the sorted pair ids: what an entry covers, independent of row order."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
