@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 
 from dpo_ray.config import DataConfig, RunConfig, load_config, save_config
-from dpo_ray.data.formats import BadRow
+from dpo_ray.data.formats import BAD_ROW_REASONS, PreferenceDataError
+from dpo_ray.preflight import (
+    USER_ERRORS, check_data_source, check_eval_paths, check_model_path, check_paths,
+    check_writable_dir,
+)
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -30,6 +35,10 @@ def _data(args: argparse.Namespace) -> int:
     from dpo_ray.ray_env import init_ray
 
     config = load_config(DataConfig, args.config, _overrides(args), section="data")
+    check_data_source(config.source, "data.source", config.file_format)
+    check_model_path(config.tokenizer, "data.tokenizer", need_config=False)
+    if args.output:
+        check_writable_dir(args.output, "--output")
     init_ray(args.address)
     pairs, report = prepare_pairs(config)
     print(report.summary())
@@ -51,6 +60,9 @@ def _reference(args: argparse.Namespace) -> int:
     from dpo_ray.reference import ensure_reference
 
     config = load_config(RunConfig, args.config, _overrides(args))
+    check_paths(config)
+    if args.output:
+        check_writable_dir(args.output, "--output")
     init_ray(args.address)
     result = ensure_reference(config.data, config.reference)
     if args.output:  # the resolved config and what was used, beside any run that asks for it
@@ -71,6 +83,7 @@ def _train(args: argparse.Namespace) -> int:
     config = load_config(RunConfig, args.config, _overrides(args))
     from dpo_ray.ray_env import init_ray
 
+    check_paths(config)
     init_ray(args.address)
     result = train(config)
     last = result.metrics[-1] if result.metrics else {}
@@ -84,6 +97,7 @@ def _pipeline(args: argparse.Namespace) -> int:
     from dpo_ray.ray_env import init_ray
 
     config = load_config(RunConfig, args.config, _overrides(args))
+    check_paths(config)
     init_ray(args.address)
     print(json.dumps(run_pipeline(config)))
     return 0
@@ -100,6 +114,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.policy:
         overrides.append(f"eval.policies={json.dumps(args.policy)}")
     config = load_config(EvalConfig, args.config, overrides, section="eval")
+    check_eval_paths(config)
     init_ray(args.address)
     result = evaluate(config)
     print(json.dumps({"eval_dir": str(result.eval_dir), "results": [
@@ -176,15 +191,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Anything the user can fix (bad data, a bad setting, a path, a resource
+    the cluster lacks) is printed as one ``error:`` line with exit 2, also when it was raised
+    inside a Ray task, actor or train worker. Set DPO_RAY_TRACEBACK=1 to see the full trace."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except BadRow as bad:
-        print(f"error: {bad}\n(set data.on_bad_row=skip to drop and count such rows)",
-              file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - sorted below: user errors print, bugs re-raise
+        from dpo_ray.ray_env import root_cause
+
+        cause = root_cause(err)
+        if os.environ.get("DPO_RAY_TRACEBACK") == "1" or not isinstance(cause, USER_ERRORS):
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        if isinstance(cause, PreferenceDataError) and cause.reason in BAD_ROW_REASONS:
+            print("(set data.on_bad_row=skip to drop and count such rows)", file=sys.stderr)
         return 2
 
 

@@ -26,6 +26,7 @@ from ray.train.torch import TorchTrainer
 
 from dpo_ray.config import RunConfig, local_dir, save_config
 from dpo_ray.data import prepare_pairs
+from dpo_ray.preflight import check_paths, check_resources
 from dpo_ray.reference import ensure_reference
 from dpo_ray.reference.cache import model_fingerprint
 from dpo_ray.training.collate import PAIR_TRAIN_COLUMNS, TRAIN_COLUMNS
@@ -69,8 +70,15 @@ def _run_dir(config: RunConfig) -> Path:
     if t.resume and latest_checkpoint(run_dir) is None:
         raise FileNotFoundError(f"train.resume=true but {run_dir} has no checkpoint to resume from")
     if not t.resume and run_dir.exists():
-        raise FileExistsError(f"{run_dir} exists: set train.resume=true to continue that run, "
-                              "or choose another train.run_name")
+        if latest_checkpoint(run_dir) is not None or (run_dir / "final_model").exists():
+            raise FileExistsError(f"{run_dir} exists: set train.resume=true to continue that run, "
+                                  "or choose another train.run_name")
+        # A run that failed before its first checkpoint has nothing to resume: it must not block
+        # the corrected re-run. Its files are kept aside, not deleted.
+        aside = run_dir.with_name(f"{run_dir.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        print(f"{run_dir} held no checkpoint (an earlier attempt failed); its files are now in "
+              f"{aside}, starting fresh", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -107,6 +115,7 @@ def plot_metrics(metrics: list[dict], path: Path) -> None:
 def train(config: RunConfig, source=None) -> TrainResult:
     from dpo_ray.ray_env import init_ray
 
+    check_paths(config, source)  # before Ray starts: a wrong path fails in seconds, not minutes
     init_ray()
     t = config.train
     run_dir = _run_dir(config)
@@ -152,6 +161,8 @@ def train(config: RunConfig, source=None) -> TrainResult:
         attempt = f"{RAY_TRAIN_NAME}-resume-{len(list(run_dir.glob(RAY_TRAIN_NAME + '*')))}"
         print(f"resuming {run_dir} from {resume_from}", flush=True)
     meta["resume_from"] = str(resume_from) if resume_from else None  # Train V2: via the config
+    check_resources("train workers", {"CPU": t.cpus_per_worker, "GPU": 1 if t.use_gpu else 0},
+                    t.num_workers, t.placement)
     # Every worker iterates the whole dataset in the same order (see training/collate.py).
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True
