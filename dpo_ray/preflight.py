@@ -116,16 +116,27 @@ def check_eval_paths(config) -> None:
 
 
 def _autoscaler_present() -> bool:
-    """A v1 autoscaler writes its status to the GCS key-value store; a v2 one sets a flag there."""
+    """Whether a cluster autoscaler could add nodes. ``DPO_RAY_AUTOSCALER=1``/``0`` decides when
+    set. Otherwise: a v2 autoscaler sets a flag in the GCS key-value store; a v1 one writes its
+    status there. Every head (even ``ray.init()`` on a laptop) runs a v1 monitor, but without a
+    cluster config it is read-only: each node is then its own node type named ``node_<id>``."""
+    forced = os.environ.get("DPO_RAY_AUTOSCALER")
+    if forced in ("0", "1"):
+        return forced == "1"
     try:
+        import json
+
+        import ray._raylet
         from ray._private import ray_constants
         from ray.experimental.internal_kv import _internal_kv_get
 
-        if _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS):
+        if _internal_kv_get(ray._raylet.GCS_AUTOSCALER_V2_ENABLED_KEY) == b"1":
             return True
-        import ray._raylet
-
-        return _internal_kv_get(ray._raylet.GCS_AUTOSCALER_V2_ENABLED_KEY) == b"1"
+        status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        if not status:
+            return False
+        mapping = json.loads(status).get("autoscaler_report", {}).get("node_type_mapping") or {}
+        return any(node_type != f"node_{node_id}" for node_id, node_type in mapping.items())
     except Exception:  # noqa: BLE001 - an older or odd cluster: assume none, fail fast
         return False
 

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -234,3 +235,124 @@ def test_cli_reference_twice_reuses(ray_session, hh_path, tiny_llama, tmp_path):
     written = json.loads((tmp_path / "out" / "reference.json").read_text())
     assert written["cache_hit"] and pq.read_table(written["path"] + "/" + json.loads(
         (Path(written["path"]) / "manifest.json").read_text())["files"][0]["path"]).num_rows > 0
+
+
+def _manifest_path(ref_cfg, key):
+    return Path(ref_cfg.cache_dir) / key / "manifest.json"
+
+
+def test_broken_manifests_are_set_aside_and_recomputed_never_stuck(ray_session, hh_path, tiny_llama,
+                                                                    tmp_path):
+    data_cfg, ref_cfg = configs(hh_path, tiny_llama, tmp_path / "cache", limit=16)
+    first = ensure_reference(data_cfg, ref_cfg)
+    good = json.loads(_manifest_path(ref_cfg, first.key).read_text())
+    for damage, why in (("{not json", "not valid JSON"),
+                        (json.dumps({k: v for k, v in good.items() if k != "files"}), "lists no files"),
+                        (json.dumps({**good, "files": []}), "lists no files")):
+        _manifest_path(ref_cfg, first.key).write_text(damage)
+        again = ensure_reference(data_cfg, ref_cfg)
+        assert not again.cache_hit and why in again.recomputed_because
+        assert again.rows == first.rows
+    assert ensure_reference(data_cfg, ref_cfg).cache_hit  # and the next run is a hit again
+    assert len(list((tmp_path / "cache" / first.key).glob("manifest.corrupt-*.json"))) == 3
+
+
+def test_consistent_entry_over_too_few_pairs_is_not_a_hit(ray_session, hh_path, tiny_llama, tmp_path):
+    from dpo_ray.reference.cache import _sha256_local, pair_ids_digest
+
+    data_cfg, ref_cfg = configs(hh_path, tiny_llama, tmp_path / "cache", limit=64)
+    first = ensure_reference(data_cfg, ref_cfg)
+    # Rewrite the entry as 48 of its pairs, with a manifest that agrees with the files exactly.
+    files = entry_files(ref_cfg.cache_dir, first.key)
+    table = pa.concat_tables([pq.read_table(f) for f in files]).slice(0, 48)
+    for f in files[1:]:
+        f.unlink()
+    pq.write_table(table, files[0])
+    manifest = json.loads(_manifest_path(ref_cfg, first.key).read_text())
+    rel = str(files[0].relative_to(Path(ref_cfg.cache_dir) / first.key))
+    manifest.update(rows=48, pair_ids_sha256=pair_ids_digest(table.column("pair_id").to_pylist()),
+                    files=[{"path": rel, "rows": 48, "bytes": files[0].stat().st_size,
+                            "sha256": _sha256_local(files[0])}])
+    _manifest_path(ref_cfg, first.key).write_text(json.dumps(manifest))
+    ReferenceCache(ref_cfg.cache_dir).load(first.key)  # consistent in itself ...
+    again = ensure_reference(data_cfg, ref_cfg)  # ... but not a cover of this data
+    assert not again.cache_hit and again.rows == first.rows > 48
+    assert f"holds 48 rows, 48 of the {first.rows} pairs" in again.recomputed_because
+
+
+def test_two_runs_scoring_one_cache_at_once_both_succeed(ray_session, hh_path, tiny_llama, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"data:\n  source: {hh_path}\n  tokenizer: {tiny_llama}\n  limit: 24\n  on_bad_row: skip\n"
+        f"reference:\n  model: {tiny_llama}\n  cache_dir: {tmp_path / 'cache'}\n"
+        f"  min_actors: 1\n  max_actors: 1\n  num_cpus_per_actor: 0.5\n  batch_size: 8\n")
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    runs = [subprocess.Popen([sys.executable, "-m", "dpo_ray", "reference", "--config", str(config)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=400) for run in runs]
+    for run, (out, err) in zip(runs, outputs):
+        assert run.returncode == 0, err[-3000:]
+        assert "(24 rows" in out
+        assert "reference cache computed" in out  # both scored: the commit race really ran
+    key = next((tmp_path / "cache").iterdir()).name
+    entry = ReferenceCache(str(tmp_path / "cache")).load(key)
+    assert entry[1]["rows"] == 24 and len(set(entry[2])) == 24
+    attempts = [p for p in (tmp_path / "cache" / key).iterdir() if p.name.startswith("attempt-")]
+    assert len(attempts) == 1  # the run that lost the commit removed its own attempt
+
+
+def test_reader_keeps_its_files_while_the_entry_is_recommitted(ray_session, hh_path, tiny_llama,
+                                                               tmp_path):
+    data_cfg, ref_cfg = configs(hh_path, tiny_llama, tmp_path / "cache", limit=16)
+    first = ensure_reference(data_cfg, ref_cfg)
+    reader = first.dataset  # lazy: reads the committed files when consumed
+    _manifest_path(ref_cfg, first.key).write_text("{not json")
+    again = ensure_reference(data_cfg, ref_cfg)
+    assert not again.cache_hit
+    rows = reader.take_all()  # the old files are still there for a reader that was on them
+    assert sorted(r["pair_id"] for r in rows) == sorted(r["pair_id"] for r in again.dataset.take_all())
+
+
+class SlowScorer(ReferenceScorer):
+    """The real scorer, slowed so that a SIGKILL from outside lands mid-pass."""
+
+    def __call__(self, batch):
+        time.sleep(1.0)
+        return super().__call__(batch)
+
+
+def test_scorer_killed_from_outside_gives_the_uninterrupted_values(ray_session, hh_path, tiny_llama,
+                                                                  tmp_path):
+    import signal
+    import threading
+
+    from helpers import own_ray_processes
+
+    data_cfg, ref_cfg = configs(hh_path, tiny_llama, tmp_path / "plain", limit=64)
+    plain = {r["pair_id"]: r for r in ensure_reference(data_cfg, ref_cfg).dataset.take_all()}
+    ref_killed = ReferenceConfig(**{**ref_cfg.__dict__, "cache_dir": str(tmp_path / "killed")})
+    killed = []
+
+    def kill_one_scorer():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            procs = own_ray_processes("SlowScorer")
+            if procs:
+                time.sleep(1.5)  # let it finish a batch or so first
+                for proc in own_ray_processes("SlowScorer")[:1]:
+                    proc.send_signal(signal.SIGKILL)
+                    killed.append(proc.pid)
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_one_scorer, daemon=True)
+    watcher.start()
+    result = ensure_reference(data_cfg, ref_killed, scorer_cls=SlowScorer)
+    watcher.join(timeout=5)
+    assert killed, "no scoring actor was killed"
+    rows = result.dataset.take_all()
+    assert len(rows) == len(plain) == result.rows and {r["pair_id"] for r in rows} == set(plain)
+    for row in rows:
+        for column in ("ref_chosen_logps", "ref_rejected_logps"):
+            assert row[column] == pytest.approx(plain[row["pair_id"]][column], abs=1e-6)

@@ -158,7 +158,7 @@ def test_killed_worker_restarts_from_checkpoint_and_matches(uninterrupted, hh_pa
     import threading
     import time
 
-    import psutil
+    from helpers import own_ray_processes
 
     config = run_config(hh_path, tiny_llama, tmp_path, "fault", max_failures=1, save_steps=1,
                         **RESUME)
@@ -169,11 +169,10 @@ def test_killed_worker_restarts_from_checkpoint_and_matches(uninterrupted, hh_pa
         deadline = time.time() + 600
         while time.time() < deadline and not killed:
             if metrics.exists() and any(json.loads(l)["step"] >= 3 for l in metrics.read_text().splitlines()):
-                for proc in psutil.process_iter(["cmdline"]):
-                    if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
-                        proc.kill()
-                        killed.append(proc.pid)
-                        return
+                for proc in own_ray_processes("RayTrainWorker")[:1]:
+                    proc.kill()
+                    killed.append(proc.pid)
+                    return
             time.sleep(0.2)
 
     watcher = threading.Thread(target=kill_a_worker_at_step_3, daemon=True)

@@ -15,7 +15,7 @@ import json
 import pandas as pd
 
 from dpo_ray.config import DataConfig
-from dpo_ray.data.formats import BadRow, extract_pair
+from dpo_ray.data.formats import BadRow, extract_pair, read_error_reason
 from dpo_ray.data.sources import read_records
 
 
@@ -67,7 +67,7 @@ def _prompt_row(rec, data: DataConfig, held_out_fraction: float | None, counts: 
     from dpo_ray.training.trainer import is_held_out
 
     if pd.notna(rec.read_error):
-        raise BadRow("malformed_json", rec.read_error, rec.source_file, rec.source_row)
+        raise BadRow(*read_error_reason(rec.read_error), rec.source_file, rec.source_row)
     row = json.loads(rec.record)
     if data.chosen_column in row and data.rejected_column in row:
         try:

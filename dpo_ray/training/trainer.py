@@ -118,6 +118,9 @@ def train(config: RunConfig, source=None) -> TrainResult:
     check_paths(config, source)  # before Ray starts: a wrong path fails in seconds, not minutes
     init_ray()
     t = config.train
+    # Before the data and reference stages: workers no node can hold must not cost a scoring pass.
+    check_resources("train workers", {"CPU": t.cpus_per_worker, "GPU": 1 if t.use_gpu else 0},
+                    t.num_workers, t.placement)
     run_dir = _run_dir(config)
     save_config(config, run_dir / "config.yaml")
     (run_dir / "versions.json").write_text(json.dumps(
@@ -161,8 +164,6 @@ def train(config: RunConfig, source=None) -> TrainResult:
         attempt = f"{RAY_TRAIN_NAME}-resume-{len(list(run_dir.glob(RAY_TRAIN_NAME + '*')))}"
         print(f"resuming {run_dir} from {resume_from}", flush=True)
     meta["resume_from"] = str(resume_from) if resume_from else None  # Train V2: via the config
-    check_resources("train workers", {"CPU": t.cpus_per_worker, "GPU": 1 if t.use_gpu else 0},
-                    t.num_workers, t.placement)
     # Every worker iterates the whole dataset in the same order (see training/collate.py).
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True
