@@ -94,7 +94,8 @@ def check_paths(config, source=None) -> None:
     check_model_path(ref.model, "reference.model")
     if train.model:
         check_model_path(train.model, "train.model")
-    check_writable_dir(ref.cache_dir, "reference.cache_dir")
+    if train.objective == "dpo":  # a reward model has no reference values to cache
+        check_writable_dir(ref.cache_dir, "reference.cache_dir")
     check_writable_dir(train.output_dir, "train.output_dir")
     if config.eval is not None:
         check_writable_dir(config.eval.output_dir, "eval.output_dir")

@@ -356,3 +356,23 @@ def test_scorer_killed_from_outside_gives_the_uninterrupted_values(ray_session, 
     for row in rows:
         for column in ("ref_chosen_logps", "ref_rejected_logps"):
             assert row[column] == pytest.approx(plain[row["pair_id"]][column], abs=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "delete a file"])
+def test_damaged_cache_file_is_detected_and_recomputed(ray_session, hh_path, tiny_llama, tmp_path,
+                                                       damage):
+    data_cfg, ref_cfg = configs(hh_path, tiny_llama, tmp_path / "cache", limit=16)
+    first = ensure_reference(data_cfg, ref_cfg)
+    victim = entry_files(ref_cfg.cache_dir, first.key)[0]
+    if damage == "flip a byte":
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    else:
+        victim.unlink()
+    with pytest.raises(CacheCorrupt, match=victim.name):
+        ReferenceCache(ref_cfg.cache_dir).load(first.key)
+    again = ensure_reference(data_cfg, ref_cfg)
+    assert not again.cache_hit and victim.name in again.recomputed_because
+    assert again.rows == first.rows == again.dataset.count()
+    ReferenceCache(ref_cfg.cache_dir).load(first.key)  # the recomputed entry verifies

@@ -127,7 +127,11 @@ def prepare_pairs(config: DataConfig, source=None) -> tuple[ray.data.Dataset, Da
     the first bad row in source order (file, row, reason) with the count of all bad rows, so one
     run shows the whole extent of the problem and the message does not depend on scheduling.
     """
+    from dpo_ray.preflight import check_resources
+
     records = read_records(config.source if source is None else source, config)
+    if ray.is_initialized():  # Ray Data starts a local Ray itself when none is connected
+        check_resources("tokenizer actor pool", {"CPU": config.tokenize_num_cpus}, 1)
     tokenized = records.map_batches(
         PairTokenizer,
         fn_constructor_args=(config,),

@@ -21,6 +21,7 @@ from ray.data import ActorPoolStrategy
 
 from dpo_ray.config import RunConfig, load_config
 from dpo_ray.eval import stats
+from dpo_ray.preflight import check_model_path, check_resources
 
 
 class _PairScorer:
@@ -44,18 +45,24 @@ def pair_accuracy(run_dir: str | Path, model: str | None = None, actors: int = 1
     from dpo_ray.ray_env import init_ray
     from dpo_ray.training.trainer import split_train_eval
 
-    init_ray()
     run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run directory (no config.yaml)")
     config = load_config(RunConfig, run_dir / "config.yaml")
     t = config.train
     if t.eval_fraction <= 0:
         raise ValueError(f"{run_dir}: train.eval_fraction is 0, the run has no held-out pairs")
+    if actors < 1:
+        raise ValueError(f"--actors must be at least 1, got {actors}")
     model = model or str(run_dir / "final_model")
+    check_model_path(model, "--model")
+    init_ray()
     if t.objective == "reward_model":
         from dpo_ray.data import prepare_pairs
 
         pairs, _ = prepare_pairs(config.data)
         held = split_train_eval(pairs, t.eval_fraction)["eval"]
+        check_resources("reward-model scorer pool", {"CPU": 1}, actors)
         scored = held.select_columns(["pair_id", "chosen_input_ids", "rejected_input_ids"]).map_batches(
             _PairScorer, fn_constructor_args=(model, config.reference.micro_batch_size),
             batch_format="pyarrow", batch_size=config.reference.batch_size,
