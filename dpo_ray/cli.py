@@ -125,10 +125,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _pair_accuracy(args: argparse.Namespace) -> int:
     from dpo_ray.eval.pairs import pair_accuracy
-    from dpo_ray.ray_env import init_ray
 
-    init_ray(args.address)
-    print(json.dumps(pair_accuracy(args.run_dir, args.model, args.actors)))
+    print(json.dumps(pair_accuracy(args.run_dir, args.model, args.actors, address=args.address)))
     return 0
 
 

@@ -365,7 +365,8 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         where = f"{section}." if section else ""
         problems = "; ".join(
             f"{where}{'.'.join(str(p) for p in e['loc']) or '?'}: {e['msg']}"
-            + (f" (got {e['input']!r})" if not isinstance(e.get("input"), (dict, list)) else "")
+            + (f" (got {e['input']!r})" if e["type"] != "missing"
+               and not isinstance(e.get("input"), (dict, list)) else "")
             for e in err.errors()
         )
         raise ValueError(f"invalid {cls.__name__} ({path or 'no file'}): {problems}") from None

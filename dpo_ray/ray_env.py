@@ -28,12 +28,17 @@ def init_ray(address: str | None = None) -> None:
 
 def root_cause(err: BaseException) -> BaseException:
     """The user's exception inside Ray's wrappers: a ``RayTaskError`` from a task or actor carries
-    the original as ``cause`` (its message is Ray's stack text), and Ray Train's ``TrainingFailedError``
-    chains it as ``__cause__``. Our own errors should reach the user as themselves."""
+    the original as ``cause`` (its message is Ray's stack text); Ray Train's ``WorkerGroupError``
+    holds each rank's exception in ``worker_failures`` (rank 0's is taken) and ``ControllerError``
+    its own in ``controller_failure``. Our own errors should reach the user as themselves."""
     seen = set()
     while id(err) not in seen:
         seen.add(id(err))
         inner = getattr(err, "cause", None)
+        failures = getattr(err, "worker_failures", None)  # Ray Train's WorkerGroupError
+        if isinstance(failures, dict) and failures:
+            inner = failures[min(failures)]
+        inner = getattr(err, "controller_failure", inner)  # Ray Train's ControllerError
         if isinstance(inner, BaseException):
             err = inner
             continue

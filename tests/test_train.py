@@ -106,8 +106,13 @@ def test_step0_guard_rejects_reference_values_from_another_computation(ray_sessi
     config = run_config(hh_path, tiny_llama, tmp_path, "guard", max_steps=1,
                         per_device_train_batch_size=2)
     config.reference.dtype = "bfloat16"  # same weights, other numerics: logps no longer match
-    with pytest.raises(Exception, match="step-0 guard"):
+    with pytest.raises(Exception, match="step-0 guard") as failed:
         train(config)
+    # Raised in a Ray Train worker; the CLI unwraps it to print this one message, not Ray's stack.
+    from dpo_ray.ray_env import root_cause
+    from dpo_ray.training.loop import Step0GuardError
+
+    assert isinstance(root_cause(failed.value), Step0GuardError)
 
 
 RESUME = dict(pairs=16, per_device_train_batch_size=2, num_train_epochs=2,

@@ -40,7 +40,7 @@ class _PairScorer:
 
 
 def pair_accuracy(run_dir: str | Path, model: str | None = None, actors: int = 1,
-                  confidence: float = 0.95) -> dict:
+                  confidence: float = 0.95, address: str | None = None) -> dict:
     """Accuracy on the run's held-out pairs; writes ``<run_dir>/pair_accuracy.json``."""
     from dpo_ray.ray_env import init_ray
     from dpo_ray.training.trainer import split_train_eval
@@ -56,7 +56,7 @@ def pair_accuracy(run_dir: str | Path, model: str | None = None, actors: int = 1
         raise ValueError(f"--actors must be at least 1, got {actors}")
     model = model or str(run_dir / "final_model")
     check_model_path(model, "--model")
-    init_ray()
+    init_ray(address)
     if t.objective == "reward_model":
         from dpo_ray.data import prepare_pairs
 

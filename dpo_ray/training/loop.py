@@ -26,6 +26,13 @@ from dpo_ray.models import load_causal_lm
 from dpo_ray.training.collate import RankPairCollate
 
 STATE_FILE = "trainer_state.pt"
+
+
+class Step0GuardError(ValueError):
+    """The cached reference values do not match the policy at step 0: a setting to fix (wrong
+    cache, model or tokenizer), so the CLI prints it as one line."""
+
+
 _SUMS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
          "logps/chosen", "logps/rejected", "pairs", "tokens"]
 
@@ -287,7 +294,7 @@ def _step0_guard(metrics: dict, t) -> None:
                         f"(rewards/chosen {metrics['rewards/chosen']:.6f}, "
                         f"rewards/rejected {metrics['rewards/rejected']:.6f}), expected 0")
     if problems and not t.bf16:  # bf16 autocast differs from the fp32 reference by design
-        raise RuntimeError("step-0 guard: the policy starts from the reference weights but "
+        raise Step0GuardError("step-0 guard: the policy starts from the reference weights but "
                            + "; ".join(problems) + ". The cached reference values do not match "
                            "this policy/tokenization (wrong cache, model or tokenizer?)")
 
