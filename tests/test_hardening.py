@@ -356,3 +356,16 @@ def test_csv_cells_keep_their_crlf_and_parquet_bytes_decode(hostile_dir, smollm2
     assert excel[0]["chosen"] == "two\r\nlines" and excel[0]["prompt"] == "Q 1020?"
     binary = _read_and_tokenize(hostile_dir / "binary-columns.parquet", smollm2)
     assert binary[0]["prompt"] == "Q 1024?" and binary[1]["skip_reason"] == "encoding_error"
+
+
+def test_a_last_held_out_batch_smaller_than_the_world_leaves_some_ranks_nothing():
+    import numpy as np
+
+    from dpo_ray.training.collate import RankPairCollate
+
+    one_pair = {"pair_id": np.array(["a" * 32]), "chosen_input_ids": np.array([[1, 2, 3]]),
+                "rejected_input_ids": np.array([[1, 2, 4]]), "prompt_length": np.array([2]),
+                "ref_chosen_logps": np.array([-1.0]), "ref_rejected_logps": np.array([-2.0])}
+    assert RankPairCollate(1, 2, 1, pad_id=0)(one_pair) == []  # rank 1 of 2: no row, no crash
+    (batch,) = RankPairCollate(0, 2, 1, pad_id=0)(one_pair)
+    assert batch["chosen_input_ids"].tolist() == [[1, 2, 3]]

@@ -41,7 +41,8 @@ def collate_pairs(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.
 
 class RankPairCollate(NumpyBatchCollateFn):
     """``iter_torch_batches`` collate class: this rank's rows of a global batch, split into
-    ``accumulation_steps`` micro-batches of padded tensors (a list, one entry per micro-batch)."""
+    ``accumulation_steps`` micro-batches of padded tensors (a list, one entry per micro-batch;
+    empty when the batch has fewer rows than ranks and none fall to this one)."""
 
     def __init__(self, rank: int, world_size: int, accumulation_steps: int, pad_id: int):
         super().__init__()
@@ -50,6 +51,10 @@ class RankPairCollate(NumpyBatchCollateFn):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> list[dict[str, torch.Tensor]]:
         rows = np.arange(len(batch["pair_id"]))[self.rank::self.world_size]
+        if not len(rows):
+            # Only a last held-out batch can be smaller than the world (training drops partial
+            # batches): this rank has nothing to score in it, and says so with no micro-batch.
+            return []
         micro = [chunk for chunk in np.array_split(rows, self.accumulation_steps) if len(chunk)]
         out = [collate_pairs({k: v[chunk] for k, v in batch.items()}, self.pad_id) for chunk in micro]
         # A checksum of the whole global batch, which every rank must agree on (see loop.py).
