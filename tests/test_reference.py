@@ -211,13 +211,18 @@ def test_smollm2_pool_equals_direct_computation(ray_session, hh_path, smollm2, t
     assert_matches_direct(result, smollm2, result.data_report.pairs)
 
 
-def test_cli_reference_twice_reuses(ray_session, hh_path, tiny_llama, tmp_path):
+def cli_run_yaml(ray_session, data, model, tmp_path, limit, extra=""):
+    """A run.yaml for ``dpo-ray`` subprocesses, and their environment (joined to this session's Ray)."""
     config = tmp_path / "run.yaml"
     config.write_text(
-        f"data:\n  source: {hh_path}\n  tokenizer: {tiny_llama}\n  limit: 16\n  on_bad_row: skip\n"
-        f"reference:\n  model: {tiny_llama}\n  cache_dir: {tmp_path / 'cache'}\n"
-        f"  num_cpus_per_actor: 0.5\ntrain:\n  beta: 0.1\n")
-    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+        f"data:\n  source: {data}\n  tokenizer: {model}\n  limit: {limit}\n  on_bad_row: skip\n"
+        f"reference:\n  model: {model}\n  cache_dir: {tmp_path / 'cache'}\n"
+        f"  num_cpus_per_actor: 0.5\n{extra}")
+    return config, dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+
+
+def test_cli_reference_twice_reuses(ray_session, hh_path, tiny_llama, tmp_path):
+    config, env = cli_run_yaml(ray_session, hh_path, tiny_llama, tmp_path, 16, "train:\n  beta: 0.1\n")
 
     def run(*extra):
         return subprocess.run([sys.executable, "-m", "dpo_ray", "reference", "--config", str(config),
@@ -281,12 +286,8 @@ def test_consistent_entry_over_too_few_pairs_is_not_a_hit(ray_session, hh_path, 
 
 
 def test_two_runs_scoring_one_cache_at_once_both_succeed(ray_session, hh_path, tiny_llama, tmp_path):
-    config = tmp_path / "run.yaml"
-    config.write_text(
-        f"data:\n  source: {hh_path}\n  tokenizer: {tiny_llama}\n  limit: 24\n  on_bad_row: skip\n"
-        f"reference:\n  model: {tiny_llama}\n  cache_dir: {tmp_path / 'cache'}\n"
-        f"  min_actors: 1\n  max_actors: 1\n  num_cpus_per_actor: 0.5\n  batch_size: 8\n")
-    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    config, env = cli_run_yaml(ray_session, hh_path, tiny_llama, tmp_path, 24,
+                               "  min_actors: 1\n  max_actors: 1\n  batch_size: 8\n")
     runs = [subprocess.Popen([sys.executable, "-m", "dpo_ray", "reference", "--config", str(config)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
             for _ in range(2)]
