@@ -188,13 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand. Anything the user can fix (bad data, a bad setting, a path, a resource
-    the cluster lacks) is printed as one ``error:`` line with exit 2, also when it was raised
-    inside a Ray task, actor or train worker. Set DPO_RAY_TRACEBACK=1 to see the full trace."""
-    args = build_parser().parse_args(argv)
+def report_user_errors(call) -> int:
+    """Run ``call()``. Anything the user can fix (bad data, a bad setting, a path, a resource the
+    cluster lacks) is printed as one ``error:`` line with exit 2, also when it was raised inside
+    a Ray task, actor or train worker. Set DPO_RAY_TRACEBACK=1 to see the full trace."""
     try:
-        return args.run(args)
+        return call()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -208,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(cause, PreferenceDataError) and cause.reason in BAD_ROW_REASONS:
             print("(set data.on_bad_row=skip to drop and count such rows)", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return report_user_errors(lambda: args.run(args))
 
 
 if __name__ == "__main__":

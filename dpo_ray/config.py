@@ -358,7 +358,12 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         overrides_tree = _merge(
             {k: v for k, v in overrides_tree.items() if k != section}, overrides_tree[section]
         )
-    tree = _merge(tree, overrides_tree)
+    return build_config(cls, _merge(tree, overrides_tree), str(path or "no file"), section)
+
+
+def build_config(cls: type[C], tree: dict, origin: str = "no file", section: str | None = None) -> C:
+    """``cls(**tree)``, with every validation problem named by its dotted key, the allowed range
+    and the value, in one ``ValueError`` (e.g. ``train.beta: Input should be greater than 0``)."""
     try:
         return cls(**tree)
     except ValidationError as err:
@@ -369,9 +374,12 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
                and not isinstance(e.get("input"), (dict, list)) else "")
             for e in err.errors()
         )
-        raise ValueError(f"invalid {cls.__name__} ({path or 'no file'}): {problems}") from None
+        raise ValueError(f"invalid {cls.__name__} ({origin}): {problems}") from None
     except TypeError as err:  # unknown keys surface as TypeError for some pydantic paths
-        raise ValueError(f"invalid {cls.__name__} ({path or 'no file'}): {err}") from None
+        raise ValueError(f"invalid {cls.__name__} ({origin}): {err}") from None
+
+
+merge_trees = _merge  # public: recipes layer their own defaults under user overrides
 
 
 def local_dir(path: str, field: str) -> Path:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dpo_ray.cli import report_user_errors
 from dpo_ray.recipes.sentiment import SIZES, run, sized
 
 
@@ -24,13 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="default", choices=sorted(SIZES))
     parser.add_argument("overrides", nargs="*", help="key=value for SentimentConfig fields")
     args = parser.parse_args(argv)
-    try:
-        config = sized(args.size, args.overrides)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    run(config)
-    return 0
+
+    def main_job() -> int:
+        run(sized(args.size, args.overrides))
+        return 0
+
+    return report_user_errors(main_job)  # bad settings and data: one line, exit 2
 
 
 if __name__ == "__main__":

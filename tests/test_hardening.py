@@ -369,3 +369,16 @@ def test_a_last_held_out_batch_smaller_than_the_world_leaves_some_ranks_nothing(
     assert RankPairCollate(1, 2, 1, pad_id=0)(one_pair) == []  # rank 1 of 2: no row, no crash
     (batch,) = RankPairCollate(0, 2, 1, pad_id=0)(one_pair)
     assert batch["chosen_input_ids"].tolist() == [[1, 2, 3]]
+
+
+def test_main_job_refuses_bad_settings_in_one_line():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    main_job = Path(__file__).resolve().parents[1] / "jobs" / "main.py"
+    done = subprocess.run([sys.executable, str(main_job), "rounds=0", "samples_per_prompt=1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: invalid SentimentConfig") and "Traceback" not in done.stderr
+    assert "rounds" in done.stderr and "samples_per_prompt" in done.stderr

@@ -27,13 +27,15 @@ import json
 import time
 from dataclasses import asdict, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pandas as pd
+from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from dpo_ray.config import (_STRICT, DataConfig, EvalConfig, GenerationConfig, JudgeConfig,
-                            ReferenceConfig, RunConfig, TrainConfig, local_dir, save_config)
+                            NonNegative, PositiveInt, ReferenceConfig, RunConfig, TrainConfig,
+                            build_config, local_dir, merge_trees, parse_overrides, save_config)
 
 INSTRUCTION = "Continue this movie review with one more sentence:\n\n{prefix}"
 
@@ -45,22 +47,22 @@ class SentimentConfig:
     # data file whose rows' prompts are used as they are (e.g. a preference file); None: gensim's
     # packaged Pang & Lee sentences (200 real movie-review sentences).
     prompts_file: str | None = None
-    prefix_words: int = 6
-    held_out_prompts: int = 48
-    max_prompts: int | None = None  # cap on prompts read (train + held out)
-    rounds: int = 2
+    prefix_words: PositiveInt = 6
+    held_out_prompts: PositiveInt = 48
+    max_prompts: PositiveInt | None = None  # cap on prompts read (train + held out)
+    rounds: PositiveInt = 2
     reference: Literal["initial", "previous"] = "initial"
     train_judge: str = "vader"
     check_judge: str = "textblob"  # never trained on
-    samples_per_prompt: int = 4
-    min_score_gap: float = 0.1
+    samples_per_prompt: Annotated[int, Field(ge=2)] = 4  # best vs worst needs two
+    min_score_gap: NonNegative = 0.1
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(
         max_new_tokens=20, temperature=1.0, batch_size=32, num_cpus_per_actor=2.0))
-    eval_samples_per_prompt: int = 2
+    eval_samples_per_prompt: PositiveInt = 2
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         beta=0.1, learning_rate=2e-5, lr_scheduler_type="constant", num_train_epochs=1,
         per_device_train_batch_size=4, num_workers=2))
-    reference_batch_size: int = 32
+    reference_batch_size: PositiveInt = 32
     output_dir: str = "runs/sentiment"
 
 
@@ -76,12 +78,11 @@ SIZES = {
 
 def sized(size: str = "default", overrides: list[str] | None = None) -> SentimentConfig:
     """The config of a named size, then ``key=value`` overrides (``rounds=3``, ``train.beta=0.2``)."""
-    from dpo_ray.config import _merge, parse_overrides
-
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
-    tree = _merge(_merge(asdict(SentimentConfig()), SIZES[size]), parse_overrides(overrides or []))
-    return SentimentConfig(**tree)
+    tree = merge_trees(merge_trees(asdict(SentimentConfig()), SIZES[size]),
+                       parse_overrides(overrides or []))
+    return build_config(SentimentConfig, tree, f"size {size}")
 
 
 def pang_lee_sentences() -> Path:
