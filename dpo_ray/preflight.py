@@ -196,7 +196,7 @@ def check_resources(what: str, per_unit: dict[str, float], count: int, placement
                                           f"(placement.wait_timeout_s={timeout:g}); {fits} fit now")
             print(f"waiting for {what}: {count} x {per_unit}, {fits} fit now "
                   f"({waited:.0f} s of {timeout:g} s)", flush=True)
-            time.sleep(_WAIT_REPORT_S)
+            time.sleep(min(_WAIT_REPORT_S, timeout - waited + 0.1))
             fits, nodes = _units_that_fit(per_unit, selector)
     finally:
         request_resources(bundles=[])

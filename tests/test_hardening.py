@@ -382,3 +382,31 @@ def test_main_job_refuses_bad_settings_in_one_line():
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: invalid SentimentConfig") and "Traceback" not in done.stderr
     assert "rounds" in done.stderr and "samples_per_prompt" in done.stderr
+
+
+def test_with_an_autoscaler_it_waits_with_messages_then_gives_up(ray_session, monkeypatch, capsys):
+    from dpo_ray.config import Placement
+    from dpo_ray.preflight import ResourceUnavailable, check_resources
+
+    monkeypatch.setenv("DPO_RAY_AUTOSCALER", "1")  # as on a cluster whose autoscaler may add GPUs
+    with pytest.raises(ResourceUnavailable, match=r"waited \d+ s for the autoscaler"):
+        check_resources("train workers", {"CPU": 1, "GPU": 1}, 2, Placement(wait_timeout_s=2))
+    assert "waiting for train workers: 2 x {'CPU': 1.0, 'GPU': 1.0}, 0 fit now" in capsys.readouterr().out
+
+
+def test_read_only_output_dir_is_a_message(ray_session, hh_path, smollm2, tmp_path, capsys):
+    import subprocess
+
+    disk = tmp_path / "read-only"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
+    try:
+        code, _, err, took = _run_cli(capsys, "data", "--data", hh_path, "--tokenizer", smollm2,
+                                      "--output", disk / "out")
+        _assert_one_line_error(code, err, "--output=", "is not writable", "Read-only file system")
+        assert took < 10  # refused before any data is read
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
