@@ -7,9 +7,11 @@ every case), and all of them together through the real Ray Data path in skip mod
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
+import subprocess
 import time
 
 import pyarrow as pa
@@ -22,6 +24,8 @@ from dpo_ray.data import prepare_pairs
 from dpo_ray.data.formats import BAD_ROW_REASONS
 from dpo_ray.data.sources import PreferenceFileDatasource
 from dpo_ray.data.tokenize import PairTokenizer
+
+from conftest import _missing
 
 GOOD = {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Seven."}
 
@@ -325,22 +329,28 @@ def test_failed_run_without_checkpoint_does_not_block_its_retry(tmp_path):
         _run_dir(config)  # a run with a checkpoint is never started over silently
 
 
-def test_full_disk_is_a_message_and_leaves_no_staging(ray_session, hh_path, smollm2, tmp_path, capsys):
-    import subprocess
-
-    disk = tmp_path / "small-disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
+@contextlib.contextmanager
+def tmpfs(folder, options: str):
+    """A real tmpfs mounted at ``folder`` for the test (a full or read-only disk), then unmounted.
+    Mounting needs root, as CI and the developers' machines have; elsewhere the test is skipped,
+    and under CI a refused mount is a failure (conftest's rule for missing inputs)."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+        _missing(f"a tmpfs mount ({mounted.stderr.strip()})")
     try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_full_disk_is_a_message_and_leaves_no_staging(ray_session, hh_path, smollm2, tmp_path, capsys):
+    with tmpfs(tmp_path / "small-disk", "size=64k") as disk:
         code, _, err, _ = _run_cli(capsys, "data", "--data", hh_path, "--tokenizer", smollm2,
                                    "--output", disk / "out", "data.limit=60", "data.on_bad_row=skip")
         _assert_one_line_error(code, err, "cannot write pairs to", "No space left on device")
         assert not list((disk / "out").glob(".pairs.tmp-*"))
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_local_head_is_not_mistaken_for_an_autoscaler(ray_session, monkeypatch):
@@ -372,7 +382,6 @@ def test_a_last_held_out_batch_smaller_than_the_world_leaves_some_ranks_nothing(
 
 
 def test_main_job_refuses_bad_settings_in_one_line():
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -395,18 +404,8 @@ def test_with_an_autoscaler_it_waits_with_messages_then_gives_up(ray_session, mo
 
 
 def test_read_only_output_dir_is_a_message(ray_session, hh_path, smollm2, tmp_path, capsys):
-    import subprocess
-
-    disk = tmp_path / "read-only"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(disk)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "read-only", "ro,size=64k") as disk:
         code, _, err, took = _run_cli(capsys, "data", "--data", hh_path, "--tokenizer", smollm2,
                                       "--output", disk / "out")
         _assert_one_line_error(code, err, "--output=", "is not writable", "Read-only file system")
         assert took < 10  # refused before any data is read
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)

@@ -159,7 +159,7 @@ def _jsonl_rows(raw_lines: Iterator[bytes]) -> Iterator[Row]:
                 yield (lineno, None, f"{MALFORMED_JSON}: {err}")
 
 
-def _json_rows(binary, path: str) -> Iterator[Row]:
+def _json_rows(binary) -> Iterator[Row]:
     """A ``.json`` file: one JSON array of row objects, else read as JSON Lines."""
     try:
         content = binary.read()
@@ -227,7 +227,7 @@ def _csv_rows(binary) -> Iterator[Row]:
         yield (index, *_record(dict(zip(header, fields))))
 
 
-def _parquet_rows(f, path: str) -> Iterator[Row]:
+def _parquet_rows(f) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     try:
@@ -267,7 +267,7 @@ class PreferenceFileDatasource(FileBasedDatasource):
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         fmt = file_format(path, self._hint)
         if fmt == "parquet":
-            yield from _chunks(_parquet_rows(f, path), path)
+            yield from _chunks(_parquet_rows(f), path)
             return
         magic = f.read(2)
         f.seek(0)
@@ -275,7 +275,7 @@ class PreferenceFileDatasource(FileBasedDatasource):
         if fmt == "csv":
             rows = _csv_rows(binary)
         elif fmt == "json":
-            rows = _json_rows(binary, path)
+            rows = _json_rows(binary)
         else:
             rows = _jsonl_rows(iter(binary))
         yield from _chunks(rows, path)
