@@ -163,6 +163,21 @@ class ReferenceConfig:
 
 
 @dataclass(config=_STRICT)
+class LoraConfig:
+    """LoRA adapters through the ``peft`` library: only these small matrices are trained, stored
+    and checkpointed. The reference values are cached, so no frozen copy of the model is needed at
+    all during training: base weights + adapters is the whole memory bill."""
+
+    r: PositiveInt = 16
+    alpha: Positive = 32.0  # the update is scaled by alpha / r
+    dropout: Fraction = 0.0  # note: train.disable_dropout also zeroes this, as in TRL
+    # Module names to adapt, or "all-linear" (every linear layer but the LM head).
+    target_modules: list[str] | str = "all-linear"
+    # Also write final_model_merged/: base + adapter folded into one plain Hugging Face model.
+    merge: bool = False
+
+
+@dataclass(config=_STRICT)
 class TrainConfig:
     """DPO objective, optimisation, Ray Train scaling and the run directory. Names follow TRL's
     ``DPOConfig`` where the meaning is the same. None of these are inputs of the reference cache:
@@ -189,8 +204,18 @@ class TrainConfig:
     per_device_train_batch_size: PositiveInt = 8
     gradient_accumulation_steps: PositiveInt = 1
     seed: int = 0
+    # Precision of the policy's weights (and so of its gradients and Adam state). bfloat16 halves
+    # them; bf16 is autocast on top of either. With weights or compute in bfloat16 while the
+    # reference was scored in float32, the step-0 guard compares relative, not absolute, deviations.
+    dtype: Literal["float32", "bfloat16"] = "float32"
     bf16: bool = False
-    gradient_checkpointing: bool = False
+    # Passed to from_pretrained: "eager", "sdpa", "flash_attention_2"...; None = transformers' default.
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    peft: LoraConfig | None = None  # LoRA adapters instead of full fine-tuning
+    # ddp: every worker holds the whole model (Ray Train's prepare_model). fsdp: parameters,
+    # gradients and optimizer state are sharded across workers (FSDP2 fully_shard per decoder layer).
+    parallel_strategy: Literal["ddp", "fsdp"] = "ddp"
     disable_dropout: bool = True  # as TRL: dropout would make policy and reference differ at step 0
     # Held-out evaluation: this share of pairs (chosen by pair_id hash: stable and disjoint from
     # training) is scored every eval_steps (0 = at the end only) with its cached reference values.
@@ -213,6 +238,10 @@ class TrainConfig:
     # Step-0 guard: when policy == reference weights, every |logp_policy - logp_ref| (nats) and,
     # for the sigmoid loss, |loss - ln 2| must be within this at the first step.
     step0_tolerance: Positive = 1e-3
+    # ... and when policy and reference ran in different precisions (e.g. bfloat16 policy, float32
+    # cache): the largest |logp_policy - logp_ref| / |logp_ref| allowed. bf16 rounding stays ~1%;
+    # a wrong cache, model or tokenizer is off by far more.
+    step0_rtol_low_precision: Positive = 0.05
 
 
 @dataclass(config=_STRICT)

@@ -76,10 +76,18 @@ def _sha256_local(path: Path) -> str:
 
 
 def model_fingerprint(name_or_path: str, revision: str | None) -> dict:
-    """Content hashes of a local model folder, or hub id + revision."""
+    """Content hashes of a local model folder, or hub id + revision. A LoRA adapter folder is its
+    adapter files plus its base model's fingerprint (the merged weights depend on both)."""
+    from dpo_ray.models import ADAPTER_CONFIG, adapter_base
+
     folder = Path(os.path.expanduser(name_or_path))
     if not folder.is_dir():
         return {"hub_id": name_or_path, "revision": revision or "main"}
+    base = adapter_base(name_or_path)
+    if base is not None:
+        files = [folder / ADAPTER_CONFIG, *sorted(folder.glob("adapter_model*.safetensors"))]
+        return {"adapter": {p.name: _sha256_local(p) for p in files},
+                "base": model_fingerprint(base, None)}
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         raise FileNotFoundError(f"{folder}: no *.safetensors weights (only safetensors are loaded)")

@@ -6,26 +6,21 @@ dataset, so no reference model is ever loaded here.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import random
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
 
 from dpo_ray.logps import concatenate_pairs, concatenated_forward
 from dpo_ray.losses import preference_loss, reward_model_loss
-from dpo_ray.models import load_causal_lm
+from dpo_ray.training import checkpoint
 from dpo_ray.training.collate import RankPairCollate
-
-STATE_FILE = "trainer_state.pt"
+from dpo_ray.training.policy import gradient_sync, load_policy, local_state_mb, parallelize
 
 
 class Step0GuardError(ValueError):
@@ -49,31 +44,25 @@ def train_loop_per_worker(config: dict) -> None:
         total_steps = min(total_steps, t.max_steps)
     torch.manual_seed(t.seed)
 
-    # 1. The policy (DDP through prepare_model: gloo on CPU, NCCL on GPU), optimizer, schedule.
-    #    A reward model is the same backbone with a scalar head instead of the LM head.
-    policy = _load_model(meta, run)
-    if t.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-    if t.disable_dropout:
-        for module in policy.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-    policy.train()
-    model = ray.train.torch.prepare_model(policy)
+    # 1. The policy (dtype, LoRA, checkpointing; see policy.py), replicated by DDP or sharded by
+    #    FSDP; optimizer over the trainable parameters only; schedule. A reward model is the same
+    #    backbone with a scalar head instead of the LM head.
+    policy = load_policy(meta, run)
+    model = parallelize(policy, t.parallel_strategy)
     device = ray.train.torch.get_device()
-    optimizer = _optimizer(policy.parameters(), t)
+    optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], t)
     scheduler = _scheduler(optimizer, t, total_steps)
 
     # 2. Restore: weights, optimizer, schedule, RNG and the data position (a step counter), from
     #    this attempt's latest checkpoint after a failure, else from the run being resumed.
     step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and meta["resume_from"]:
-        checkpoint = ray.train.Checkpoint(meta["resume_from"])
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            step = _restore(folder, policy, optimizer, scheduler)
-        print(f"[rank {rank}] restored step {step} from {checkpoint.path}", flush=True)
+    start_from = ray.train.get_checkpoint()
+    if start_from is None and meta["resume_from"]:
+        start_from = ray.train.Checkpoint(meta["resume_from"])
+    if start_from:
+        with start_from.as_directory() as folder:
+            step = checkpoint.restore(folder, model, policy, optimizer, scheduler)
+        print(f"[rank {rank}] restored step {step} from {start_from.path}", flush=True)
 
     # 3. Every rank reads the same global batches; RankPairCollate keeps rows rank::world.
     shard = ray.train.get_dataset_shard("train")
@@ -96,12 +85,14 @@ def train_loop_per_worker(config: dict) -> None:
 
             # 4. Forward + backward over the micro-batches; gradients sync on the last one only.
             sums = torch.zeros(len(_SUMS), dtype=torch.float64)
-            max_abs_logratio = 0.0  # |logp_policy - logp_ref|, largest over pairs (step-0 guard)
+            # |logp_policy - logp_ref|, largest over pairs, absolute and relative to |logp_ref|
+            # (the step-0 guard)
+            max_abs_logratio, max_rel_logratio = 0.0, 0.0
             fingerprint = int(micro_batches[0].pop("global_batch_crc"))
             for i, batch in enumerate(micro_batches):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 last = i == len(micro_batches) - 1
-                sync = contextlib.nullcontext() if last or world == 1 else model.no_sync()
+                sync = gradient_sync(model, enabled=last)
                 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.bf16)
                 with sync, autocast:
                     out, losses, chosen_rewards, rejected_rewards = _pair_losses(
@@ -111,20 +102,26 @@ def train_loop_per_worker(config: dict) -> None:
                     (losses.sum() / (global_batch // world)).backward()
                 sums += _batch_sums(losses, chosen_rewards, rejected_rewards, out, batch)
                 if t.objective == "dpo":
-                    max_abs_logratio = max(max_abs_logratio, float(torch.cat([
+                    deviation = torch.cat([
                         out["chosen_logps"].detach() - batch["ref_chosen_logps"],
-                        out["rejected_logps"].detach() - batch["ref_rejected_logps"]]).abs().max()))
+                        out["rejected_logps"].detach() - batch["ref_rejected_logps"]]).abs()
+                    reference = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+                    max_abs_logratio = max(max_abs_logratio, float(deviation.max()))
+                    max_rel_logratio = max(max_rel_logratio, float(
+                        (deviation / reference.abs().clamp(min=1.0)).max()))
 
             # 5. Metrics averaged over workers; the step-0 guard before anything is updated.
             totals = _all_reduce(sums, device)
             step_logratio = _all_max(max_abs_logratio, device)
+            step_rel_logratio = _all_max(max_rel_logratio, device)
             window = [w + x for w, x in zip(window, totals)]
             window_logratio = max(window_logratio, step_logratio)
             if world > 1 and not _same_on_all_ranks(fingerprint, device):
                 raise RuntimeError("ranks disagree on the global batch: the data order is not "
                                    "shared, so pairs would be skipped or repeated")
             if step == 0 and meta["policy_is_reference"]:
-                _step0_guard({**_means(totals, t.objective), "max_abs_logratio": step_logratio}, t)
+                _step0_guard({**_means(totals, t.objective), "max_abs_logratio": step_logratio,
+                              "max_rel_logratio": step_rel_logratio}, t, meta["reference_dtype"])
 
             # 6. Clip, step, schedule.
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
@@ -140,6 +137,7 @@ def train_loop_per_worker(config: dict) -> None:
             if "eval" in meta["datasets"] and (step == total_steps or (
                     t.eval_steps > 0 and step % t.eval_steps == 0)):
                 evaluated = _evaluate(policy, rank, world, t, meta, device)
+            state_mb = local_state_mb(model, optimizer)
 
             # 8. Report (a barrier: every rank, same steps); rank 0 logs and writes checkpoints.
             save = step == total_steps or (t.save_steps > 0 and step % t.save_steps == 0)
@@ -148,6 +146,7 @@ def train_loop_per_worker(config: dict) -> None:
                            **evaluated, "grad_norm": float(grad_norm),
                            "learning_rate": scheduler.get_last_lr()[0],
                            "peak_memory_mb": _all_max(_peak_memory_mb(device), device),
+                           "model_state_mb": _all_max(state_mb, device),
                            "epoch": step / steps_per_epoch, "step": step,
                            "pairs_per_second": window[_SUMS.index("pairs")] / window_seconds,
                            "tokens_per_second": window[_SUMS.index("tokens")] / window_seconds}
@@ -156,20 +155,8 @@ def train_loop_per_worker(config: dict) -> None:
                     with metrics_file.open("a") as f:
                         f.write(json.dumps(metrics) + "\n")
                     print(_progress(metrics, total_steps), flush=True)
-                _report(metrics, save and rank == 0, policy, optimizer, scheduler, step, meta)
+                _report(metrics, save, rank, model, policy, optimizer, scheduler, step, meta)
             started = time.perf_counter()  # throughput counts training, not eval or checkpoints
-
-
-def _load_model(meta: dict, run):
-    if run.train.objective == "reward_model":
-        from transformers import AutoModelForSequenceClassification
-
-        model = AutoModelForSequenceClassification.from_pretrained(
-            meta["policy"], num_labels=1, use_safetensors=True,
-            trust_remote_code=run.reference.trust_remote_code)
-        model.config.pad_token_id = meta["pad_id"]  # the head reads the last non-pad token
-        return model
-    return load_causal_lm(meta["policy"], "float32", trust_remote_code=run.reference.trust_remote_code)
 
 
 def _pair_losses(model, batch: dict, t, pad_id: int):
@@ -203,6 +190,10 @@ def _evaluate(policy, rank, world, t, meta, device) -> dict[str, float]:
     batches = ray.train.get_dataset_shard("eval").iter_torch_batches(
         batch_size=t.per_device_eval_batch_size * world, collate_fn=collate)
     for micro_batches in batches:
+        if not micro_batches and t.parallel_strategy == "fsdp":
+            # Sharded layers gather their weights collectively: a rank with no rows in the last
+            # held-out batch still runs a forward, or every other rank would wait for it forever.
+            policy(input_ids=torch.full((1, 2), meta["pad_id"], device=device))
         for batch in micro_batches:
             batch.pop("global_batch_crc", None)
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -281,11 +272,29 @@ def _means(totals: list[float], objective: str = "dpo") -> dict[str, float]:
     return {name: totals[i] / pairs for i, name in enumerate(names)}
 
 
-def _step0_guard(metrics: dict, t) -> None:
+def _step0_guard(metrics: dict, t, reference_dtype: str) -> None:
     """Policy == reference at step 0, so every log-ratio (hence reward) is 0 and the sigmoid loss
     ln 2. Anything else means the cached values do not belong to this policy or tokenization.
     The log-ratio is checked directly: through beta, rewards would hide a mismatch when beta is small.
+
+    When either side ran in low precision (bfloat16 weights or autocast, a bfloat16/float16
+    reference), rounding alone moves a sequence's log-prob by ~1% of its size, so the check is
+    relative: |logp_policy - logp_ref| <= step0_rtol_low_precision * |logp_ref|. A wrong cache,
+    model or tokenizer is off by far more, so the guard still fires for those.
     """
+    policy_precision = "bfloat16" if t.bf16 or t.dtype == "bfloat16" else "float32"
+    if policy_precision != "float32" or reference_dtype != "float32":
+        if metrics["max_rel_logratio"] > t.step0_rtol_low_precision:
+            raise Step0GuardError(
+                f"step-0 guard: the policy starts from the reference weights but |logp_policy - "
+                f"logp_ref| reaches {metrics['max_abs_logratio']:.4f} nats, "
+                f"{metrics['max_rel_logratio']:.1%} of |logp_ref|. The policy runs in "
+                f"{policy_precision} (train.dtype={t.dtype}, train.bf16={t.bf16}) and the reference "
+                f"was scored in {reference_dtype} (reference.dtype): rounding explains up to "
+                f"~{t.step0_rtol_low_precision:.0%} (train.step0_rtol_low_precision), not this. "
+                "The cached reference values do not match this policy/tokenization "
+                "(wrong cache, model or tokenizer?)")
+        return
     problems = []
     if t.loss_type == "sigmoid" and abs(metrics["loss"] - math.log(2)) > t.step0_tolerance:
         problems.append(f"loss {metrics['loss']:.6f} != ln 2 = 0.693147")
@@ -293,10 +302,10 @@ def _step0_guard(metrics: dict, t) -> None:
         problems.append(f"|logp_policy - logp_ref| reaches {metrics['max_abs_logratio']:.6f} "
                         f"(rewards/chosen {metrics['rewards/chosen']:.6f}, "
                         f"rewards/rejected {metrics['rewards/rejected']:.6f}), expected 0")
-    if problems and not t.bf16:  # bf16 autocast differs from the fp32 reference by design
+    if problems:
         raise Step0GuardError("step-0 guard: the policy starts from the reference weights but "
-                           + "; ".join(problems) + ". The cached reference values do not match "
-                           "this policy/tokenization (wrong cache, model or tokenizer?)")
+                              + "; ".join(problems) + ". The cached reference values do not match "
+                              "this policy/tokenization (wrong cache, model or tokenizer?)")
 
 
 def _progress(metrics: dict, total_steps: int) -> str:
@@ -305,44 +314,16 @@ def _progress(metrics: dict, total_steps: int) -> str:
             f"lr {metrics['learning_rate']:.2e} {metrics['pairs_per_second']:.2f} pairs/s")
 
 
-def _report(metrics, write_checkpoint, policy, optimizer, scheduler, step, meta) -> None:
-    if not write_checkpoint:
+def _report(metrics, save, rank, model, policy, optimizer, scheduler, step, meta) -> None:
+    """``ray.train.report`` on every rank (a barrier); with ``save``, every rank first takes part
+    in gathering the full state (FSDP shards live on all of them) and rank 0 writes it."""
+    if not save:
+        ray.train.report(metrics)
+        return
+    model_state, optimizer_state = checkpoint.gather_state(model, optimizer)
+    if rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as folder:
-        _save(folder, policy, optimizer, scheduler, step, meta)
+        checkpoint.save(folder, policy, model_state, optimizer_state, scheduler, step, meta["tokenizer"])
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-
-
-def _save(folder, policy, optimizer, scheduler, step, meta) -> None:
-    """A Hugging Face folder (safetensors, config, generation config, tokenizer) + trainer state."""
-    from transformers import AutoTokenizer
-
-    policy.save_pretrained(folder, safe_serialization=True)
-    AutoTokenizer.from_pretrained(meta["tokenizer"]).save_pretrained(folder)
-    Path(folder, "dpo_state.json").write_text(json.dumps({"step": step}))
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                        "python": random.getstate()}},
-               os.path.join(folder, STATE_FILE))
-
-
-def _restore(folder, policy, optimizer, scheduler) -> int:
-    from safetensors.torch import load_file
-
-    weights = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        weights.update(load_file(path))
-    missing, unexpected = policy.load_state_dict(weights, strict=False)
-    if unexpected or any("embed" not in m and "lm_head" not in m for m in missing):
-        raise RuntimeError(f"checkpoint {folder} does not fit the policy: missing {missing}, "
-                           f"unexpected {unexpected}")
-    if missing:  # tied embeddings are saved once
-        policy.tie_weights()
-    state = torch.load(os.path.join(folder, STATE_FILE), weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-    return int(state["step"])

@@ -5,7 +5,8 @@
 
 Run directory ``<train.output_dir>/<train.run_name>`` holds ``config.yaml`` (resolved),
 ``reference.json`` (cache key and path), ``versions.json``, ``metrics.jsonl``, ``metrics.png``,
-Ray Train's checkpoints under ``ray_train/`` and the final model in ``final_model/``.
+Ray Train's checkpoints under ``ray_train/`` and the final model in ``final_model/`` (a LoRA run: the adapter there, and with ``train.peft.merge`` the
+merged model in ``final_model_merged/``).
 A new run never resumes an old one: an existing run directory is an error unless
 ``train.resume=true``, which continues it from its latest checkpoint.
 """
@@ -112,6 +113,18 @@ def plot_metrics(metrics: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _write_merged(adapter: Path, out: Path, tokenizer: str) -> None:
+    """Base + LoRA adapter folded into one plain Hugging Face model (no peft needed to load it)."""
+    from transformers import AutoTokenizer
+
+    from dpo_ray.models import load_causal_lm
+
+    if out.exists():
+        shutil.rmtree(out)
+    load_causal_lm(str(adapter)).save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out)
+
+
 def train(config: RunConfig, source=None) -> TrainResult:
     from dpo_ray.ray_env import init_ray
 
@@ -127,6 +140,8 @@ def train(config: RunConfig, source=None) -> TrainResult:
         {pkg: version(pkg) for pkg in ("dpo-ray", "ray", "torch", "transformers", "datasets")}, indent=2))
 
     policy = t.model or config.reference.model
+    if Path(policy).expanduser().is_dir():  # a LoRA adapter records its base by this path
+        policy = str(Path(policy).expanduser().absolute())
     if t.objective == "reward_model":  # Bradley-Terry on the pairs themselves: no reference
         pairs, report = prepare_pairs(config.data, source)
         print(report.summary(), flush=True)
@@ -152,6 +167,7 @@ def train(config: RunConfig, source=None) -> TrainResult:
             model_fingerprint(config.reference.model, config.reference.revision)),
         "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         "tokenizer": config.data.tokenizer,
+        "reference_dtype": config.reference.dtype,
         "run_dir": str(run_dir),
         "shuffle_buffer": max(global_batch * 4, 64),
         "datasets": sorted(datasets),
@@ -190,6 +206,8 @@ def train(config: RunConfig, source=None) -> TrainResult:
         shutil.rmtree(final)
     with result.checkpoint.as_directory() as folder:
         shutil.copytree(folder, final, ignore=shutil.ignore_patterns("trainer_state.pt", "dpo_state.json"))
+    if t.peft is not None and t.peft.merge:
+        _write_merged(final, run_dir / "final_model_merged", config.data.tokenizer)
     metrics = read_metrics(run_dir)
     if metrics:
         plot_metrics(metrics, run_dir / "metrics.png")
