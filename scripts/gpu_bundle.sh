@@ -23,11 +23,17 @@ mkdir -p "$OUT" "$STAGE/wheels" "$STAGE/site"
   ray==2.60.0 "pydantic==$(.venv/bin/python -c 'import pydantic; print(pydantic.VERSION)')" \
   "pydantic-core==$(.venv/bin/python -c 'import pydantic_core; print(pydantic_core.__version__)')" \
   annotated-types typing-inspection jsonschema jsonschema-specifications referencing rpds-py tensorboardX
-for wheel in "$STAGE"/wheels/*.whl; do
-  .venv/bin/python -m zipfile -e "$wheel" "$STAGE/site"
-done
-# zipfile drops the exec bits Ray's own binaries need.
-chmod +x "$STAGE"/site/ray/core/src/ray/gcs/gcs_server "$STAGE"/site/ray/core/src/ray/raylet/raylet
+# Unpacked keeping each file's mode: Ray's own binaries (raylet, gcs_server) must stay executable.
+.venv/bin/python - "$STAGE/site" "$STAGE"/wheels/*.whl <<'PY'
+import os, sys, zipfile
+for wheel in sys.argv[2:]:
+    with zipfile.ZipFile(wheel) as z:
+        for info in z.infolist():
+            path = z.extract(info, sys.argv[1])
+            mode = info.external_attr >> 16
+            if mode:
+                os.chmod(path, mode & 0o777)
+PY
 rm -rf "$STAGE"/site/ray/jars "$STAGE"/site/ray/rllib "$STAGE"/site/ray/serve "$STAGE"/site/ray/llm \
   "$STAGE"/site/ray/dashboard/client
 tar -C "$STAGE/site" -cJf "$OUT/site.tar.xz" .

@@ -17,7 +17,6 @@ import json
 import shutil
 import time
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
 import ray
@@ -113,6 +112,20 @@ def plot_metrics(metrics: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _versions() -> dict[str, str | None]:
+    """Installed versions of what shapes a run's numbers (None: not installed, e.g. a source tree
+    on PYTHONPATH)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("dpo-ray", "ray", "torch", "transformers", "peft", "datasets"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
 def _write_merged(adapter: Path, out: Path, tokenizer: str) -> None:
     """Base + LoRA adapter folded into one plain Hugging Face model (no peft needed to load it)."""
     from transformers import AutoTokenizer
@@ -136,8 +149,7 @@ def train(config: RunConfig, source=None) -> TrainResult:
                     t.num_workers, t.placement)
     run_dir = _run_dir(config)
     save_config(config, run_dir / "config.yaml")
-    (run_dir / "versions.json").write_text(json.dumps(
-        {pkg: version(pkg) for pkg in ("dpo-ray", "ray", "torch", "transformers", "datasets")}, indent=2))
+    (run_dir / "versions.json").write_text(json.dumps(_versions(), indent=2))
 
     policy = t.model or config.reference.model
     if Path(policy).expanduser().is_dir():  # a LoRA adapter records its base by this path
