@@ -90,8 +90,9 @@ def gradient_sync(model: torch.nn.Module, enabled: bool):
 
 
 def local_state_mb(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
-    """MiB this worker holds of weights, gradients and optimizer state: its shards under FSDP,
-    everything under DDP. A measure of the model's memory that process-wide counters (RSS,
+    """MiB this worker holds of weights and optimizer state between steps (gradients are freed
+    after each step; during backward add one more copy of the trainable weights): its shards under
+    FSDP, everything under DDP. A measure of the model's memory that process-wide counters (RSS,
     which includes the libraries) would drown on small models."""
     def nbytes(tensor) -> int:
         local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # DTensor shard
