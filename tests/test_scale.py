@@ -116,3 +116,38 @@ def test_bfloat16_weights_pass_the_step0_guard_against_a_float32_cache(ray_sessi
     assert first["loss"] == pytest.approx(math.log(2), abs=0.05)
     # ...and the weights are stored as trained: bfloat16, half the bytes.
     assert {v.dtype for v in weights(result.final_model).values()} == {torch.bfloat16}
+
+
+def test_lora_and_sharding_settings_come_from_yaml_and_overrides(tmp_path):
+    from dpo_ray.config import LoraConfig, RunConfig, TrainConfig, load_config
+
+    run = tmp_path / "run.yaml"
+    run.write_text("data: {source: pairs.jsonl, tokenizer: tok}\nreference: {model: m}\n"
+                   "train: {peft: {r: 8, target_modules: [q_proj, v_proj]}}\n")
+    config = load_config(RunConfig, run, ["train.peft.alpha=16", "train.parallel_strategy=fsdp",
+                                          "train.dtype=bfloat16"])
+    assert config.train.peft == LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
+    assert (config.train.parallel_strategy, config.train.dtype) == ("fsdp", "bfloat16")
+    assert TrainConfig().peft is None  # full fine-tuning unless asked
+    for bad, named in (("train.peft.r=0", "train.peft.r"), ("train.parallel_strategy=zero3",
+                                                             "train.parallel_strategy"),
+                       ("train.dtype=float8", "train.dtype"), ("train.peft.rank=4", "rank")):
+        with pytest.raises(ValueError, match=named):
+            load_config(RunConfig, run, [bad])
+
+
+def test_step0_guard_in_low_precision_tolerates_rounding_and_names_both_precisions():
+    from dpo_ray.config import TrainConfig
+    from dpo_ray.training.loop import Step0GuardError, _step0_guard
+
+    rounding = {"loss": 0.70, "rewards/chosen": 0.01, "rewards/rejected": -0.01,
+                "max_abs_logratio": 0.8, "max_rel_logratio": 0.004}  # 0.4% of |logp_ref|
+    _step0_guard(rounding, TrainConfig(dtype="bfloat16"), "float32")  # passes
+    _step0_guard(rounding, TrainConfig(bf16=True), "float32")
+    _step0_guard(rounding, TrainConfig(), "bfloat16")
+    with pytest.raises(Step0GuardError, match="expected 0"):  # float32 on both sides: absolute
+        _step0_guard(rounding, TrainConfig(), "float32")
+    wrong_cache = {**rounding, "max_abs_logratio": 40.0, "max_rel_logratio": 0.3}
+    with pytest.raises(Step0GuardError, match=r"runs in bfloat16 \(train.dtype=bfloat16.*scored in "
+                                              r"float32.*wrong cache, model or tokenizer"):
+        _step0_guard(wrong_cache, TrainConfig(dtype="bfloat16"), "float32")
