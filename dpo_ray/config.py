@@ -8,11 +8,12 @@ its outputs (``save_config``) so a result can always be traced to the settings t
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
 _STRICT = ConfigDict(extra="forbid", validate_assignment=True)
@@ -27,6 +28,9 @@ Fraction = Annotated[float, Field(ge=0, lt=1)]  # a share of the pairs, 1 exclud
 Probability = Annotated[float, Field(gt=0, lt=1)]
 
 Format = Literal["auto", "explicit", "implicit", "conversational"]
+# A model or tokenizer: a hub id or a folder. "~/..." is expanded here, once: transformers would
+# take it for a hub id (and fail with "Repo id must be in the form ...").
+ModelRef = Annotated[str, AfterValidator(lambda v: os.path.expanduser(v) if v.startswith("~") else v)]
 
 
 @dataclass(config=_STRICT)
@@ -94,7 +98,7 @@ class DataConfig:
     # ``hf://<dataset id>`` for a Hugging Face hub dataset loaded with ``datasets.load_dataset``.
     source: str
     # Tokenizer: a local folder or hub id (usually the policy model's).
-    tokenizer: str
+    tokenizer: ModelRef
     format: Format = "auto"
     # How files are parsed: by extension (auto; .jsonl/.json/.csv/.parquet in any case, .gz
     # allowed), or this format for every file, e.g. ``jsonl`` for a ``pairs.txt``.
@@ -139,7 +143,7 @@ class ReferenceConfig:
     """
 
     # A local Hugging Face folder or a hub id (safetensors weights only).
-    model: str
+    model: ModelRef
     revision: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
@@ -184,7 +188,7 @@ class TrainConfig:
     changing them reuses the cached reference values."""
 
     # The policy's starting weights; None = the reference model (the usual DPO set-up).
-    model: str | None = None
+    model: ModelRef | None = None
     # "dpo" trains the policy on cached reference values; "reward_model" trains a Bradley-Terry
     # scalar-head model (AutoModelForSequenceClassification, 1 label) on the same pairs, with no
     # reference model at all (its rewards/* metrics are the head's scores).
@@ -297,11 +301,11 @@ class EvalConfig:
     judges: list[JudgeConfig]
     # Model folders, hub ids or run directories (their final_model/); in a pipeline run, empty
     # means the model just trained.
-    policies: list[str] = dataclasses.field(default_factory=list)
+    policies: list[ModelRef] = dataclasses.field(default_factory=list)
     # "reference" (the reference model's samples), "chosen" (the dataset's chosen responses) or a
     # model folder / hub id.
-    baseline: str = "reference"
-    reference: str | None = None  # for baseline "reference" and the KL estimate; None = no KL
+    baseline: ModelRef = "reference"
+    reference: ModelRef | None = None  # for baseline "reference" and the KL estimate; None = no KL
     # Preference rows: keep only pairs held out from training by the same pair_id hash rule as
     # train.eval_fraction (so prompts never overlap the training split).
     held_out_fraction: Probability | None = None

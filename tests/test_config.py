@@ -63,3 +63,18 @@ def test_every_actor_pool_is_requested_from_its_stage_config():
     assert (fixed.min_size, fixed.max_size) == (2, 2)
     judge = actor_pool_kwargs(JudgeConfig(kind="function", name="vader", num_actors=3, num_gpus_per_actor=1))
     assert (judge["compute"].min_size, judge["compute"].max_size, judge["num_gpus"]) == (3, 3, 1)
+
+
+def test_home_in_model_and_tokenizer_paths_is_expanded_as_the_shipped_configs_use_it():
+    """jobs/hh_smollm2.yaml names ~/.cache/... folders; transformers reads "~" as a hub id."""
+    from pathlib import Path
+
+    from dpo_ray.config import RunConfig
+
+    config = load_config(RunConfig, Path(__file__).parents[1] / "jobs" / "hh_smollm2.yaml")
+    home = str(Path.home())
+    assert config.data.tokenizer.startswith(home) and config.reference.model.startswith(home)
+    assert config.eval.reference.startswith(home)
+    assert config.eval.baseline == "chosen"  # keywords are left alone
+    assert load_config(RunConfig, overrides=["data.source=x", "data.tokenizer=org/model",
+                                             "reference.model=~/m"]).data.tokenizer == "org/model"

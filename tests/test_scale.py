@@ -11,10 +11,13 @@ from safetensors.torch import load_file
 from dpo_ray.training import train
 from test_train import run_config, weights
 
-# 16 pairs, 2 workers x 2 pairs: 4 steps per epoch. A constant schedule, so a run stopped after
-# 2 steps and resumed to 4 must equal the uninterrupted one.
+# 16 pairs, of which 5 held out (by their hash) and 11 trained on; 2 workers x 2 pairs: 2 steps
+# per epoch. A constant schedule, so a run stopped after 2 steps and resumed to 4 must equal the
+# uninterrupted one. The held-out pairs come in global batches of 4 and then 1, so one rank gets
+# no row in the last batch (under FSDP it must still join the forward pass).
 STEPS = dict(pairs=16, per_device_train_batch_size=2, learning_rate=1e-3,
-             lr_scheduler_type="constant", max_steps=4)
+             lr_scheduler_type="constant", max_steps=4, eval_fraction=0.25, eval_steps=2,
+             per_device_eval_batch_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +31,9 @@ def assert_same_steps(a, b, atol=1e-5):
     for x, y in zip(a.metrics, b.metrics):
         assert x["loss"] == pytest.approx(y["loss"], abs=atol)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
+        assert ("eval_loss" in x) == ("eval_loss" in y) == (x["step"] % 2 == 0)
+        if "eval_loss" in x:
+            assert x["eval_loss"] == pytest.approx(y["eval_loss"], abs=atol)
 
 
 def test_gradient_checkpointing_gives_the_plain_run(ddp, hh_path, tiny_llama, tmp_path):
