@@ -15,7 +15,7 @@ from test_train import run_config, weights
 # per epoch. A constant schedule, so a run stopped after 2 steps and resumed to 4 must equal the
 # uninterrupted one. The held-out pairs come in global batches of 4 and then 1, so one rank gets
 # no row in the last batch (under FSDP it must still join the forward pass).
-STEPS = dict(pairs=16, per_device_train_batch_size=2, learning_rate=1e-3,
+STEPS = dict(pairs=16, per_device_train_batch_size=2, learning_rate=1e-3, num_train_epochs=2,
              lr_scheduler_type="constant", max_steps=4, eval_fraction=0.25, eval_steps=2,
              per_device_eval_batch_size=2)
 
@@ -56,6 +56,10 @@ def test_fsdp_matches_ddp_holds_half_the_model_state_and_resumes(ddp, hh_path, t
     assert w.keys() == v.keys() and all(torch.allclose(w[k], v[k], atol=1e-5) for k in v)
     ratio = first.metrics[-1]["model_state_mb"] / ddp.metrics[-1]["model_state_mb"]
     assert 0.45 < ratio < 0.6, ratio  # half, plus the unevenly split remainders
+    # Resuming a run that already reached its last step trains nothing and keeps its model.
+    again = train(run_config(hh_path, tiny_llama, tmp_path, "fsdp", parallel_strategy="fsdp",
+                             resume=True, **STEPS))
+    assert all(torch.equal(w[k], v) for k, v in weights(again.final_model).items())
     # A plain Hugging Face folder: the sharded class name is not recorded.
     config = json.loads((resumed.final_model / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]

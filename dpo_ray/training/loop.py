@@ -129,6 +129,9 @@ def train_loop_per_worker(config: dict) -> None:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            # Here, after backward, FSDP holds only its shards (a forward without backward, as in
+            # held-out evaluation, leaves the root's parameters gathered until the next step).
+            state_mb = local_state_mb(model, optimizer)
 
             window_seconds += time.perf_counter() - started
 
@@ -137,7 +140,6 @@ def train_loop_per_worker(config: dict) -> None:
             if "eval" in meta["datasets"] and (step == total_steps or (
                     t.eval_steps > 0 and step % t.eval_steps == 0)):
                 evaluated = _evaluate(policy, rank, world, t, meta, device)
-            state_mb = local_state_mb(model, optimizer)
 
             # 8. Report (a barrier: every rank, same steps); rank 0 logs and writes checkpoints.
             save = step == total_steps or (t.save_steps > 0 and step % t.save_steps == 0)

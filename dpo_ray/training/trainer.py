@@ -216,7 +216,12 @@ def train(config: RunConfig, source=None) -> TrainResult:
     final = run_dir / "final_model"
     if final.exists():
         shutil.rmtree(final)
-    with result.checkpoint.as_directory() as folder:
+    # A resumed run that had already reached its last step trains nothing and reports no new
+    # checkpoint: its final model is the checkpoint it resumed from.
+    last = result.checkpoint or (ray.train.Checkpoint(str(resume_from)) if resume_from else None)
+    if last is None:
+        raise RuntimeError(f"training in {run_dir} ended without a checkpoint")
+    with last.as_directory() as folder:
         shutil.copytree(folder, final, ignore=shutil.ignore_patterns("trainer_state.pt", "dpo_state.json"))
     if t.peft is not None and t.peft.merge:
         _write_merged(final, run_dir / "final_model_merged", config.data.tokenizer)
