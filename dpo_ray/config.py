@@ -174,7 +174,7 @@ class LoraConfig:
 
     r: PositiveInt = 16
     alpha: Positive = 32.0  # the update is scaled by alpha / r
-    dropout: Fraction = 0.0  # note: train.disable_dropout also zeroes this, as in TRL
+    dropout: Fraction = 0.0  # kept as set: train.disable_dropout zeroes the base model's only (TRL zeroes both)
     # Module names to adapt, or "all-linear" (every linear layer but the LM head).
     target_modules: list[str] | str = "all-linear"
     # Also write final_model_merged/: base + adapter folded into one plain Hugging Face model.

@@ -129,9 +129,11 @@ def train_loop_per_worker(config: dict) -> None:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            # Here, after backward, FSDP holds only its shards (a forward without backward, as in
-            # held-out evaluation, leaves the root's parameters gathered until the next step).
-            state_mb = local_state_mb(model, optimizer)
+            save = step == total_steps or (t.save_steps > 0 and step % t.save_steps == 0)
+            log = save or step % t.logging_steps == 0
+            # Read here, after backward, where FSDP holds only its shards (a forward without
+            # backward, as in held-out evaluation, leaves the root's parameters gathered).
+            state_mb = local_state_mb(model, optimizer) if log else None
 
             window_seconds += time.perf_counter() - started
 
@@ -142,8 +144,7 @@ def train_loop_per_worker(config: dict) -> None:
                 evaluated = _evaluate(policy, rank, world, t, meta, device)
 
             # 8. Report (a barrier: every rank, same steps); rank 0 logs and writes checkpoints.
-            save = step == total_steps or (t.save_steps > 0 and step % t.save_steps == 0)
-            if save or step % t.logging_steps == 0:
+            if log:
                 metrics = {**_means(window, t.objective), "max_abs_logratio": window_logratio,
                            **evaluated, "grad_norm": float(grad_norm),
                            "learning_rate": scheduler.get_last_lr()[0],

@@ -29,6 +29,7 @@ from dpo_ray.data import prepare_pairs
 from dpo_ray.preflight import check_paths, check_resources
 from dpo_ray.reference import ensure_reference
 from dpo_ray.reference.cache import model_fingerprint
+from dpo_ray.training.checkpoint import STATE_FILE, STEP_FILE
 from dpo_ray.training.collate import PAIR_TRAIN_COLUMNS, TRAIN_COLUMNS
 from dpo_ray.training.loop import train_loop_per_worker
 
@@ -59,7 +60,7 @@ def split_train_eval(dataset: ray.data.Dataset, fraction: float) -> dict[str, ra
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint with the highest step among all attempts of a run (``dpo_state.json``)."""
     found = [(json.loads(p.read_text())["step"], p.parent)
-             for p in Path(run_dir).glob(f"{RAY_TRAIN_NAME}*/checkpoint_*/dpo_state.json")]
+             for p in Path(run_dir).glob(f"{RAY_TRAIN_NAME}*/checkpoint_*/{STEP_FILE}")]
     return max(found)[1] if found else None
 
 
@@ -222,7 +223,7 @@ def train(config: RunConfig, source=None) -> TrainResult:
     if last is None:
         raise RuntimeError(f"training in {run_dir} ended without a checkpoint")
     with last.as_directory() as folder:
-        shutil.copytree(folder, final, ignore=shutil.ignore_patterns("trainer_state.pt", "dpo_state.json"))
+        shutil.copytree(folder, final, ignore=shutil.ignore_patterns(STATE_FILE, STEP_FILE))
     if t.peft is not None and t.peft.merge:
         _write_merged(final, run_dir / "final_model_merged", config.data.tokenizer)
     metrics = read_metrics(run_dir)
