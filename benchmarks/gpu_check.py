@@ -84,15 +84,15 @@ class Report:
 
 def run_config(model: Path, data: str, work: Path, name: str, pairs: int, gpu: bool, max_length: int,
                batch: int, ref_dtype: str = "bfloat16", **train):
-    from dpo_ray.config import DataConfig, ReferenceConfig, RunConfig, TrainConfig
+    from dpo_ray.config import DataConfig, Pool, ReferenceConfig, RunConfig, TrainConfig
 
     cpus = max(1, (os.cpu_count() or 2) // 4)
     return RunConfig(
         data=DataConfig(source=data, tokenizer=str(model), limit=pairs, on_bad_row="skip",
                         max_length=max_length, max_prompt_length=max_length // 2),
         reference=ReferenceConfig(model=str(model), dtype=ref_dtype, cache_dir=str(work / "cache"),
-                                  min_actors=1, max_actors=1, num_cpus_per_actor=cpus,
-                                  num_gpus_per_actor=1 if gpu else 0, batch_size=64,
+                                  pool=Pool(num_cpus_per_actor=cpus, num_gpus_per_actor=1 if gpu else 0),
+                                  batch_size=64,
                                   micro_batch_size=16 if gpu else 4),
         train=TrainConfig(**{"output_dir": str(work / "runs"), "run_name": name, "num_workers": 1,
                              "use_gpu": gpu, "cpus_per_worker": cpus,
@@ -162,7 +162,7 @@ def main() -> None:
 
     import torch
 
-    from dpo_ray.config import GenerationConfig, LoraConfig
+    from dpo_ray.config import GenerationConfig, LoraConfig, Pool
     from dpo_ray.ray_env import init_ray
     from dpo_ray.reference import ensure_reference
     from dpo_ray.training import train
@@ -216,8 +216,7 @@ def main() -> None:
         prompts = ray.data.from_items([{"prompt_id": str(i), "prompt_json": json.dumps(
             f"Tell me something about the number {i}.")} for i in range(128)])
         config = GenerationConfig(max_new_tokens=64, dtype="bfloat16", batch_size=64,
-                                  num_gpus_per_actor=1 if gpus else 0, num_cpus_per_actor=1,
-                                  min_actors=1, max_actors=1)
+                                  pool=Pool(num_gpus_per_actor=1 if gpus else 0))
         target = trained.get("lora_r16", model)  # a LoRA adapter folder loads as base + adapter
         started = time.perf_counter()
         samples = generate(prompts, str(target), config).to_pandas()

@@ -31,7 +31,7 @@ def main() -> None:
     import torch
 
     from dpo_ray.assets import smollm2_path
-    from dpo_ray.config import DataConfig, ReferenceConfig
+    from dpo_ray.config import DataConfig, Pool, ReferenceConfig
     from dpo_ray.data import prepare_pairs
     from dpo_ray.ray_env import init_ray
     from dpo_ray.reference import forward_counts, score_pairs
@@ -48,8 +48,8 @@ def main() -> None:
     print(f"{'actors':>6} {'seconds':>8} {'pairs/s':>8} {'tokens/s':>9} {'forwards':>8}")
     scored = None
     for n in args.actors:
-        ref_cfg = ReferenceConfig(model=model, min_actors=n, max_actors=n,
-                                  num_cpus_per_actor=os.cpu_count() / n,
+        ref_cfg = ReferenceConfig(model=model, pool=Pool(min_actors=n, max_actors=n,
+                                                            num_cpus_per_actor=os.cpu_count() / n),
                                   micro_batch_size=args.micro_batch, batch_size=32)
         before = forward_counts()["forwards"]
         start = time.perf_counter()

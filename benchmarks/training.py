@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from dpo_ray.assets import smollm2_path, tiny_model
-    from dpo_ray.config import DataConfig, ReferenceConfig, RunConfig, TrainConfig
+    from dpo_ray.config import DataConfig, Pool, ReferenceConfig, RunConfig, TrainConfig
     from dpo_ray.ray_env import init_ray
     from dpo_ray.training import train
 
@@ -55,9 +55,9 @@ def main() -> None:
                                     on_bad_row="skip", max_length=args.max_length,
                                     max_prompt_length=args.max_length // 2),
                     reference=ReferenceConfig(model=str(models[name]), cache_dir=str(cache),
-                                              max_actors=workers,
-                                              num_cpus_per_actor=(os.cpu_count() or 2) / workers,
-                                              num_gpus_per_actor=1 if args.gpu else 0),
+                                              pool=Pool(max_actors=workers,
+                                                        num_cpus_per_actor=(os.cpu_count() or 2) / workers,
+                                                        num_gpus_per_actor=1 if args.gpu else 0)),
                     train=TrainConfig(output_dir=str(work / "runs"), run_name=f"{name}-{workers}-{label}",
                                       num_workers=workers, use_gpu=args.gpu, bf16=args.bf16,
                                       per_device_train_batch_size=args.global_batch // workers,

@@ -13,7 +13,7 @@ import sys
 from dataclasses import asdict
 
 from dpo_ray.config import DataConfig, RunConfig, load_config, save_config
-from dpo_ray.data.formats import BAD_ROW_REASONS, PreferenceDataError
+from dpo_ray.data.errors import BAD_ROW_REASONS, PreferenceDataError
 from dpo_ray.preflight import (
     USER_ERRORS, check_data_source, check_eval_paths, check_model_path, check_paths,
     check_writable_dir,
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "cache the values (reused when already cached)",
                         "YAML file with `data:` and `reference:` sections",
                         "shortcut for reference.model (and data.tokenizer if unset)",
-                        "key=value, e.g. reference.max_actors=4", _reference)
+                        "key=value, e.g. reference.pool.max_actors=4", _reference)
     ref.add_argument("--output", help="write config.yaml and reference.json (cache key, path) here")
     _stage_parser(sub, "train", "DPO on Ray Train (computes the reference cache if missing)",
                   "YAML file with data:, reference: and train: sections",

@@ -16,7 +16,7 @@ import yaml
 from pydantic import AfterValidator, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
-_STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+STRICT = ConfigDict(extra="forbid", validate_assignment=True)
 
 # Ranges are declared on the fields, so every bad value is refused when the config is built,
 # before Ray starts, with the field's name and the allowed range in the message.
@@ -33,7 +33,7 @@ Format = Literal["auto", "explicit", "implicit", "conversational"]
 ModelRef = Annotated[str, AfterValidator(lambda v: os.path.expanduser(v) if v.startswith("~") else v)]
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class Placement:
     """Where a stage's actors or workers may run on a cluster, beyond CPUs/GPUs: custom resources
     a node group advertises (``cluster.yaml`` gives ``dpo_train`` / ``dpo_score``), an accelerator
@@ -58,35 +58,27 @@ class Placement:
         return out
 
 
-def actor_pool_kwargs(stage, size: int | None = None) -> dict:
-    """``Dataset.map_batches`` keyword arguments for a stage's actor pool: its size
-    (``min_actors``/``max_actors``, or ``num_actors`` for a fixed pool; ``size`` overrides both),
-    CPUs/GPUs per actor and its ``placement``. ``stage`` is a ReferenceConfig, GenerationConfig or
-    JudgeConfig: one place decides how every pool in the framework is requested, and checks that
-    the cluster can hold it (``dpo_ray.preflight.check_resources``)."""
-    import ray
-    from ray.data import ActorPoolStrategy
+@dataclass(config=STRICT)
+class Pool:
+    """A Ray Data actor pool: each actor loads its model (or tokenizer) once and serves many
+    batches. Every pool in the framework is set the same way: ``data.pool`` (tokenizing),
+    ``reference.pool`` (scoring), ``eval.generation.pool`` and each judge's ``pool``.
+    ``dpo_ray.ray_env.actor_pool_kwargs`` turns it into ``map_batches`` arguments."""
 
-    from dpo_ray.preflight import check_resources
+    # The pool starts with min_actors and grows to max_actors while batches are queued.
+    min_actors: PositiveInt = 1
+    max_actors: PositiveInt = 1
+    # GPUs per actor > 0 places actors on GPU nodes; a fraction shares one GPU between actors.
+    num_cpus_per_actor: NonNegative = 1.0
+    num_gpus_per_actor: NonNegative = 0.0
+    placement: Placement = dataclasses.field(default_factory=Placement)
 
-    if hasattr(stage, "num_actors"):
-        low = high = stage.num_actors
-    else:
-        low, high = stage.min_actors, stage.max_actors
-    low, high = size or low, size or high
-    # Ray would queue a pool no node can hold forever; fail (or wait for an autoscaler) instead.
-    # (Every stage connects to Ray before it builds a pool; without a connection there is no
-    # cluster to ask yet.)
-    if ray.is_initialized():
-        check_resources(f"{type(stage).__name__} actor pool",
-                        {"CPU": stage.num_cpus_per_actor, "GPU": stage.num_gpus_per_actor}, low,
-                        stage.placement)
-    return {"compute": ActorPoolStrategy(min_size=low, max_size=high),
-            "num_cpus": stage.num_cpus_per_actor, "num_gpus": stage.num_gpus_per_actor,
-            **stage.placement.ray_data_kwargs()}
+    def __post_init__(self) -> None:
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"pool.max_actors={self.max_actors} is below min_actors={self.min_actors}")
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class DataConfig:
     """Where preference pairs come from and how they become token ids.
 
@@ -121,10 +113,9 @@ class DataConfig:
     hf_data_dir: str | None = None
     hf_revision: str | None = None
     trust_remote_code: bool = False
-    # Ray Data: tokenizer actors (each loads the tokenizer once) and rows per batch.
-    tokenize_actors: PositiveInt = 1
+    # Ray Data: rows per tokenizer call, and the tokenizer actors (each loads the tokenizer once).
     tokenize_batch_size: PositiveInt = 256
-    tokenize_num_cpus: NonNegative = 1.0
+    pool: Pool = dataclasses.field(default_factory=Pool)
 
     def __post_init__(self) -> None:
         if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
@@ -134,7 +125,7 @@ class DataConfig:
             )
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class ReferenceConfig:
     """The frozen reference model, the actor pool that scores every pair once, and its cache.
 
@@ -149,24 +140,14 @@ class ReferenceConfig:
     trust_remote_code: bool = False
     # Local path or filesystem URI (file://, s3://, gs://) every node can reach.
     cache_dir: str = "~/.cache/dpo_ray/reference"
-    # Actor pool: each actor loads the model once. GPUs per actor > 0 places actors on GPU nodes.
-    min_actors: PositiveInt = 1
-    max_actors: PositiveInt = 2
-    num_cpus_per_actor: NonNegative = 1.0
-    num_gpus_per_actor: NonNegative = 0.0
+    pool: Pool = dataclasses.field(default_factory=lambda: Pool(max_actors=2))
     # Pairs per actor call; inside a call pairs are sorted by length and run in micro-batches of
     # ``micro_batch_size`` pairs (2x sequences, chosen + rejected in one pass) to keep padding small.
     batch_size: PositiveInt = 64
     micro_batch_size: PositiveInt = 8
-    placement: Placement = dataclasses.field(default_factory=Placement)
-
-    def __post_init__(self) -> None:
-        if self.max_actors < self.min_actors:
-            raise ValueError(f"reference.max_actors={self.max_actors} is below "
-                             f"min_actors={self.min_actors}")
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class LoraConfig:
     """LoRA adapters through the ``peft`` library: only these small matrices are trained, stored
     and checkpointed. The reference values are cached, so no frozen copy of the model is needed at
@@ -181,7 +162,7 @@ class LoraConfig:
     merge: bool = False
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class TrainConfig:
     """DPO objective, optimisation, Ray Train scaling and the run directory. Names follow TRL's
     ``DPOConfig`` where the meaning is the same. None of these are inputs of the reference cache:
@@ -248,7 +229,7 @@ class TrainConfig:
     step0_rtol_low_precision: Positive = 0.05
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class GenerationConfig:
     """Sampling on the generation actor pool (one model per actor, loaded once)."""
 
@@ -264,14 +245,10 @@ class GenerationConfig:
     max_prompt_length: PositiveInt = 256  # prompt tokens kept (from the end)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: PositiveInt = 16  # prompts per actor call; sorted by length inside the call
-    min_actors: PositiveInt = 1
-    max_actors: PositiveInt = 1
-    num_cpus_per_actor: NonNegative = 1.0
-    num_gpus_per_actor: NonNegative = 0.0
-    placement: Placement = dataclasses.field(default_factory=Placement)
+    pool: Pool = dataclasses.field(default_factory=Pool)
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class JudgeConfig:
     """One judge. ``function``: a builtin lexicon (``vader``, ``textblob``, ``afinn``, ``length``)
     or ``module:callable`` taking (prompt, response) -> score, or (prompt, first, second) ->
@@ -285,13 +262,10 @@ class JudgeConfig:
     tie_margin: NonNegative = 0.0
     template: str | None = None  # llm judges; None = dpo_ray.eval.judges.PAIRWISE_TEMPLATE
     batch_size: PositiveInt = 16
-    num_actors: PositiveInt = 1
-    num_cpus_per_actor: NonNegative = 1.0
-    num_gpus_per_actor: NonNegative = 0.0
-    placement: Placement = dataclasses.field(default_factory=Placement)
+    pool: Pool = dataclasses.field(default_factory=Pool)
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class EvalConfig:
     """Win-rate evaluation of one or more policies against a baseline on held-out prompts."""
 
@@ -319,7 +293,7 @@ class EvalConfig:
     bootstrap_seed: int = 0
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class RunConfig:
     """A whole run: one section per stage, as in ``run.yaml``."""
 
@@ -357,41 +331,47 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_trees(base: dict, extra: dict) -> dict:
+    """``extra`` over ``base``, nested sections merged key by key (overrides, recipe sizes)."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_trees(out[key], value)
         else:
             out[key] = value
     return out
 
 
+def read_yaml(path: str | Path) -> dict:
+    """A YAML file's top-level mapping; a file that is not one is a ``ValueError`` naming it."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text: {err}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return loaded
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None,
-                section: str | None = None) -> C:
-    """Build ``cls`` from a YAML file (optionally one ``section`` of it) and overrides.
+                section: str | None = None, defaults: dict | None = None) -> C:
+    """Build ``cls`` from ``defaults`` (a tree, e.g. a recipe's size), a YAML file over them
+    (optionally one ``section`` of it) and overrides over both.
 
     Errors name the offending key, e.g. ``data.max_lenght: Unexpected keyword argument``.
     """
-    tree: dict = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path} is not valid YAML: {err}") from None
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path} is not UTF-8 text: {err}") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-        tree = loaded
+    tree = read_yaml(path) if path is not None else {}
     if section is not None:
         tree = tree.get(section, {}) or {}
     overrides_tree = parse_overrides(overrides or [])
     if section is not None and section in overrides_tree:
-        overrides_tree = _merge(
+        overrides_tree = merge_trees(
             {k: v for k, v in overrides_tree.items() if k != section}, overrides_tree[section]
         )
-    return build_config(cls, _merge(tree, overrides_tree), str(path or "no file"), section)
+    tree = merge_trees(defaults or {}, tree)
+    return build_config(cls, merge_trees(tree, overrides_tree), str(path or "no file"), section)
 
 
 def build_config(cls: type[C], tree: dict, origin: str = "no file", section: str | None = None) -> C:
@@ -410,9 +390,6 @@ def build_config(cls: type[C], tree: dict, origin: str = "no file", section: str
         raise ValueError(f"invalid {cls.__name__} ({origin}): {problems}") from None
     except TypeError as err:  # unknown keys surface as TypeError for some pydantic paths
         raise ValueError(f"invalid {cls.__name__} ({origin}): {err}") from None
-
-
-merge_trees = _merge  # public: recipes layer their own defaults under user overrides
 
 
 def local_dir(path: str, field: str) -> Path:

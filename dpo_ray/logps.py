@@ -6,6 +6,7 @@ Notation: B pairs in a batch, T tokens per padded sequence, V vocabulary size.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -68,6 +69,27 @@ def pad_sequences(sequences: list[list[int]], pad_id: int, side: str = "right",
     return ids, mask
 
 
+def collate_pairs(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+    """A batch of B pairs (numpy columns of token-id lists, as Ray Data hands them) -> tensors:
+    chosen and rejected each right-padded, pairs aligned row by row. Used by the reference scorer
+    and the training loop alike.
+
+    Returns (B, Tc)/(B, Tr) ``*_input_ids`` and ``*_attention_mask``, (B,) ``prompt_lengths``, and
+    (B,) ``ref_*_logps`` when the batch has them (training batches of a DPO run).
+    """
+    chosen_ids, chosen_mask = pad_sequences([list(x) for x in batch["chosen_input_ids"]], pad_id)
+    rejected_ids, rejected_mask = pad_sequences([list(x) for x in batch["rejected_input_ids"]], pad_id)
+    out = {
+        "chosen_input_ids": chosen_ids, "chosen_attention_mask": chosen_mask,
+        "rejected_input_ids": rejected_ids, "rejected_attention_mask": rejected_mask,
+        "prompt_lengths": torch.as_tensor(np.asarray(batch["prompt_length"], dtype=np.int64)),
+    }
+    for name in ("ref_chosen_logps", "ref_rejected_logps"):
+        if name in batch:
+            out[name] = torch.as_tensor(np.asarray(batch[name], dtype=np.float64))
+    return out
+
+
 def model_forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Logits (B, T, V) with position ids that count real tokens only.
 
@@ -112,7 +134,7 @@ def concatenated_forward(model, chosen_input_ids: torch.Tensor, chosen_attention
         *_attention_mask: same shapes, 1 on real tokens.
         prompt_lengths: (B,) long, where each response starts (same for chosen and rejected).
     Returns dict of (B,) tensors: ``chosen_logps``, ``rejected_logps``, ``chosen_tokens``,
-        ``rejected_tokens``, ``chosen_logits_mean``, ``rejected_logits_mean`` (detached).
+        ``rejected_tokens``.
     """
     batch = chosen_input_ids.shape[0]
     input_ids, attention_mask = concatenate_pairs(chosen_input_ids, chosen_attention_mask,
@@ -120,12 +142,7 @@ def concatenated_forward(model, chosen_input_ids: torch.Tensor, chosen_attention
     labels = response_labels(input_ids, prompt_lengths.repeat(2), attention_mask)  # (2B, T)
     logits = model_forward_logits(model, input_ids, attention_mask)  # (2B, T, V)
     logps, tokens = sequence_logps(logits, labels)  # (2B,), (2B,)
-    with torch.no_grad():  # mean logit over response tokens (TRL's logits/chosen): vocab first
-        mask = labels[:, 1:] != IGNORE_INDEX  # (2B, T-1)
-        vocab_sums = logits[:, :-1].sum(-1, dtype=torch.float32)  # (2B, T-1)
-        logits_mean = (vocab_sums * mask).sum(-1) / (tokens * logits.shape[-1]).clamp(min=1)
     return {
         "chosen_logps": logps[:batch], "rejected_logps": logps[batch:],
         "chosen_tokens": tokens[:batch], "rejected_tokens": tokens[batch:],
-        "chosen_logits_mean": logits_mean[:batch], "rejected_logits_mean": logits_mean[batch:],
     }

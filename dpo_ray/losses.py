@@ -122,22 +122,3 @@ def reward_model_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor
     if margin is not None:
         diff = diff - margin
     return -F.logsigmoid(diff)
-
-
-def preference_metrics(losses: torch.Tensor, chosen_rewards: torch.Tensor,
-                       rejected_rewards: torch.Tensor, policy_chosen_logps: torch.Tensor,
-                       policy_rejected_logps: torch.Tensor, prefix: str = "") -> dict[str, float]:
-    """Batch means under the names TRL users read (``prefix="eval_"`` for evaluation).
-
-    ``rewards/accuracies`` is strict: a tie (r_c == r_r, e.g. at step 0) counts as wrong.
-    """
-    mean = lambda t: float(t.detach().float().mean())  # noqa: E731
-    return {
-        f"{prefix}loss": mean(losses),
-        f"{prefix}rewards/chosen": mean(chosen_rewards),
-        f"{prefix}rewards/rejected": mean(rejected_rewards),
-        f"{prefix}rewards/accuracies": mean((chosen_rewards > rejected_rewards).float()),
-        f"{prefix}rewards/margins": mean(chosen_rewards - rejected_rewards),
-        f"{prefix}logps/chosen": mean(policy_chosen_logps),
-        f"{prefix}logps/rejected": mean(policy_rejected_logps),
-    }

@@ -52,17 +52,29 @@ def test_run_directories_are_paths_every_node_mounts():
 
 
 def test_every_actor_pool_is_requested_from_its_stage_config():
-    from dpo_ray.config import GenerationConfig, JudgeConfig, Placement, ReferenceConfig, actor_pool_kwargs
+    from dpo_ray.config import DataConfig, EvalConfig, Pool, RunConfig, load_config
+    from dpo_ray.ray_env import actor_pool_kwargs
 
-    ref = ReferenceConfig(model="m", min_actors=1, max_actors=3, num_cpus_per_actor=2,
-                          placement=Placement(resources={"dpo_score": 1}))
-    kwargs = actor_pool_kwargs(ref)
+    # One Pool sub-config under the same key in every stage, from YAML-style overrides.
+    run = load_config(RunConfig, overrides=[
+        "data.source=x", "data.tokenizer=t", "data.pool.max_actors=2", "reference.model=m",
+        "reference.pool.max_actors=3", "reference.pool.num_cpus_per_actor=2",
+        "reference.pool.placement.resources={dpo_score: 1}"])
+    kwargs = actor_pool_kwargs(run.reference.pool, "reference scorer")
     assert (kwargs["compute"].min_size, kwargs["compute"].max_size) == (1, 3)
     assert (kwargs["num_cpus"], kwargs["num_gpus"], kwargs["resources"]) == (2, 0, {"dpo_score": 1.0})
-    fixed = actor_pool_kwargs(GenerationConfig(min_actors=1, max_actors=4), size=2)["compute"]
+    assert actor_pool_kwargs(run.data.pool, "tokenizer")["compute"].max_size == 2
+    fixed = actor_pool_kwargs(Pool(min_actors=1, max_actors=4), "generation", size=2)["compute"]
     assert (fixed.min_size, fixed.max_size) == (2, 2)
-    judge = actor_pool_kwargs(JudgeConfig(kind="function", name="vader", num_actors=3, num_gpus_per_actor=1))
+    evaluation = load_config(EvalConfig, overrides=[
+        "prompts=p", "generation.pool.max_actors=4",
+        "judges=[{kind: function, name: vader, pool: {min_actors: 3, max_actors: 3, num_gpus_per_actor: 1}}]"])
+    judge = actor_pool_kwargs(evaluation.judges[0].pool, "judge")
     assert (judge["compute"].min_size, judge["compute"].max_size, judge["num_gpus"]) == (3, 3, 1)
+    assert evaluation.generation.pool.max_actors == 4 and DataConfig("x", "t").pool == Pool()
+    with pytest.raises(ValueError, match="max_actors=1 is below min_actors=2"):
+        load_config(RunConfig, overrides=["data.source=x", "data.tokenizer=t", "reference.model=m",
+                                          "reference.pool.min_actors=2", "reference.pool.max_actors=1"])
 
 
 def test_home_in_model_and_tokenizer_paths_is_expanded_as_the_shipped_configs_use_it():

@@ -136,7 +136,7 @@ def test_reward_model_on_real_hh_pairs_beats_chance(ray_session, hh_path, smollm
     chance, with the 95% CI above 0.5, and the same number the training loop reported."""
     from dpo_ray.eval.pairs import pair_accuracy
     from dpo_ray.training import train
-    from dpo_ray.training.trainer import is_held_out
+    from dpo_ray.data.pipeline import is_held_out
 
     config = RunConfig(
         data=DataConfig(source=str(hh_path), tokenizer=str(smollm2), on_bad_row="skip",

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from dpo_ray.config import DataConfig
-from dpo_ray.data.formats import BadRow, extract_pair
+from dpo_ray.data.errors import BadRow
+from dpo_ray.data.tokenize import extract_pair
 
 CFG = DataConfig(source="unused", tokenizer="unused")
 

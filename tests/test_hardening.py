@@ -21,7 +21,7 @@ import pytest
 from dpo_ray import cli
 from dpo_ray.config import DataConfig
 from dpo_ray.data import prepare_pairs
-from dpo_ray.data.formats import BAD_ROW_REASONS
+from dpo_ray.data.errors import BAD_ROW_REASONS
 from dpo_ray.data.sources import PreferenceFileDatasource
 from dpo_ray.data.tokenize import PairTokenizer
 
@@ -260,7 +260,7 @@ def test_no_chat_template_is_a_named_row_error(ray_session, tmp_path, tiny_llama
     ("train.num_train_epochs=0", "train.num_train_epochs"),
     ("train.num_workers=0", "train.num_workers"),
     ("train.eval_fraction=1.5", "train.eval_fraction"),
-    ("reference.max_actors=0", "reference.max_actors"),
+    ("reference.pool.max_actors=0", "reference.pool.max_actors"),
     ("data.max_length=1", "data.max_length"),
 ])
 def test_bad_settings_are_refused_before_ray_with_field_and_range(override, fragment, tmp_path,
@@ -296,13 +296,13 @@ def test_impossible_gpu_request_fails_within_seconds(ray_session, tmp_path, tiny
     assert took < 30
     code, _, err, took = _run_cli(capsys, "reference", "--data", data, "--model", tiny_llama,
                                   f"reference.cache_dir={tmp_path / 'cache'}",
-                                  "reference.num_gpus_per_actor=1")
-    _assert_one_line_error(code, err, "ReferenceConfig actor pool", "GPU")
+                                  "reference.pool.num_gpus_per_actor=1")
+    _assert_one_line_error(code, err, "reference scorer actor pool", "GPU")
     assert took < 60
 
 
 def test_more_workers_than_cpus_fails_and_names_the_count(ray_session):
-    from dpo_ray.preflight import ResourceUnavailable, check_resources
+    from dpo_ray.ray_env import ResourceUnavailable, check_resources
 
     cpus = int(ray_session.cluster_resources()["CPU"])
     with pytest.raises(ResourceUnavailable, match=f"needs {cpus + 1} x"):
@@ -354,7 +354,7 @@ def test_full_disk_is_a_message_and_leaves_no_staging(ray_session, hh_path, smol
 
 
 def test_local_head_is_not_mistaken_for_an_autoscaler(ray_session, monkeypatch):
-    from dpo_ray.preflight import _autoscaler_present
+    from dpo_ray.ray_env import _autoscaler_present
 
     assert not _autoscaler_present()  # a ray.init() head runs a read-only monitor only
     monkeypatch.setenv("DPO_RAY_AUTOSCALER", "1")
@@ -371,7 +371,7 @@ def test_csv_cells_keep_their_crlf_and_parquet_bytes_decode(hostile_dir, smollm2
 def test_a_last_held_out_batch_smaller_than_the_world_leaves_some_ranks_nothing():
     import numpy as np
 
-    from dpo_ray.training.collate import RankPairCollate
+    from dpo_ray.training.loop import RankPairCollate
 
     one_pair = {"pair_id": np.array(["a" * 32]), "chosen_input_ids": np.array([[1, 2, 3]]),
                 "rejected_input_ids": np.array([[1, 2, 4]]), "prompt_length": np.array([2]),
@@ -395,7 +395,7 @@ def test_main_job_refuses_bad_settings_in_one_line():
 
 def test_with_an_autoscaler_it_waits_with_messages_then_gives_up(ray_session, monkeypatch, capsys):
     from dpo_ray.config import Placement
-    from dpo_ray.preflight import ResourceUnavailable, check_resources
+    from dpo_ray.ray_env import ResourceUnavailable, check_resources
 
     monkeypatch.setenv("DPO_RAY_AUTOSCALER", "1")  # as on a cluster whose autoscaler may add GPUs
     with pytest.raises(ResourceUnavailable, match=r"waited \d+ s for the autoscaler"):

@@ -101,16 +101,16 @@ def _pipeline_config(tmp_path, hh_path, tiny_llama, source=None) -> Path:
                  "on_bad_row": "skip" if source is None else "raise", "max_length": 96,
                  "max_prompt_length": 48},
         "reference": {"model": str(tiny_llama), "cache_dir": f"file://{tmp_path}/cache",
-                      "num_cpus_per_actor": 0.5, "placement": placement},
+                      "pool": {"num_cpus_per_actor": 0.5, "placement": placement}},
         "train": {"output_dir": str(tmp_path / "runs"), "run_name": "job", "num_workers": 2,
                   "cpus_per_worker": 0.5, "per_device_train_batch_size": 4, "max_steps": 3,
                   "learning_rate": 1e-3, "eval_fraction": 0.25,
                   "placement": {"resources": {"dpo_train": 1}}},
         "eval": {"prompts": str(source or hh_path), "held_out_fraction": 0.25, "limit": 6,
                  "on_bad_row": "skip", "reference": str(tiny_llama),
-                 "judges": [{"kind": "function", "name": "length", "placement": placement}],
+                 "judges": [{"kind": "function", "name": "length", "pool": {"placement": placement}}],
                  "generation": {"max_new_tokens": 8, "chat_template": False,
-                                "num_cpus_per_actor": 0.5, "placement": placement}},
+                                "pool": {"num_cpus_per_actor": 0.5, "placement": placement}}},
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from dpo_ray.losses import LOSSES, preference_loss, preference_metrics, reward_model_loss
+from dpo_ray.losses import LOSSES, preference_loss, reward_model_loss
+from dpo_ray.training import metrics
 
 # One pair: policy logps chosen -10, rejected -12; reference -11 for both.
 #   chosen log-ratio   = -10 - (-11) = +1
@@ -105,8 +106,11 @@ def test_metrics_names_and_values():
     losses, chosen_r, rejected_r = preference_loss(
         torch.tensor([-10.0, -10.0]), torch.tensor([-12.0, -9.0]), torch.tensor([-11.0, -11.0]),
         torch.tensor([-11.0, -11.0]), BETA)
-    m = preference_metrics(losses, chosen_r, rejected_r, torch.tensor([-10.0, -10.0]),
-                           torch.tensor([-12.0, -9.0]), prefix="eval_")
+    # The functions the training loop logs with: per-pair sums, then means over pairs.
+    sums = metrics.pair_sums(losses, chosen_r, rejected_r, torch.tensor([-10.0, -10.0]),
+                             torch.tensor([-12.0, -9.0]), tokens=40)
+    m = metrics.means(sums.tolist(), prefix="eval_")
+    assert metrics.total(sums.tolist(), "pairs") == 2 and metrics.total(sums.tolist(), "tokens") == 40
     # rewards chosen 0.1, 0.1; rejected -0.1, +0.2 -> accuracies 1/2, margins (0.2 - 0.1)/2
     assert m["eval_rewards/accuracies"] == pytest.approx(0.5)
     assert m["eval_rewards/margins"] == pytest.approx(0.05)
@@ -121,3 +125,10 @@ def test_unknown_loss_type_names_choices():
     with pytest.raises(ValueError, match="hinge"):
         loss_of("kto")
     assert set(LOSSES) >= {"sigmoid", "robust", "hinge", "ipo", "ipo_length_normalized"}
+
+
+def test_reward_model_metrics_have_no_logps():
+    scores_c, scores_r = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    sums = metrics.pair_sums(reward_model_loss(scores_c, scores_r), scores_c, scores_r)
+    m = metrics.means(sums.tolist(), objective="reward_model")
+    assert m["rewards/accuracies"] == pytest.approx(0.5) and "logps/chosen" not in m

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dpo_ray.assets import tiny_model
-from dpo_ray.config import DataConfig, ReferenceConfig, RunConfig, TrainConfig
+from dpo_ray.config import DataConfig, Pool, ReferenceConfig, RunConfig, TrainConfig
 from dpo_ray.models import load_causal_lm
 from dpo_ray.reference.cache import STALE_ATTEMPT_S
 from dpo_ray.reference import (
@@ -49,8 +49,8 @@ def direct_logps(model_path, rows):
 
 def configs(data, model, cache, **data_kw):
     data_cfg = DataConfig(source=str(data), tokenizer=str(model), on_bad_row="skip", **data_kw)
-    ref_cfg = ReferenceConfig(model=str(model), cache_dir=str(cache), min_actors=2, max_actors=2,
-                              num_cpus_per_actor=0.5, batch_size=16, micro_batch_size=8)
+    ref_cfg = ReferenceConfig(model=str(model), cache_dir=str(cache), batch_size=16, micro_batch_size=8,
+                              pool=Pool(min_actors=2, max_actors=2, num_cpus_per_actor=0.5))
     return data_cfg, ref_cfg
 
 
@@ -101,7 +101,7 @@ def test_key_ignores_training_settings_and_tracks_everything_that_changes_values
             for b, lr in ((0.1, 5e-7), (0.5, 1e-5))]
     assert key(runs[0].data, runs[0].reference) == key(runs[1].data, runs[1].reference) == first.key
     # ... nor is pool sizing
-    assert key(r=ReferenceConfig(**{**ref_cfg.__dict__, "max_actors": 7, "batch_size": 3})) == first.key
+    assert key(r=ReferenceConfig(**{**ref_cfg.__dict__, "pool": Pool(max_actors=7), "batch_size": 3})) == first.key
     # max_length, weights, dtype, tokenizer and data all are
     changed = {
         "max_length": key(d=DataConfig(**{**data_cfg.__dict__, "max_length": 384})),
@@ -211,13 +211,13 @@ def test_smollm2_pool_equals_direct_computation(ray_session, hh_path, smollm2, t
     assert_matches_direct(result, smollm2, result.data_report.pairs)
 
 
-def cli_run_yaml(ray_session, data, model, tmp_path, limit, extra=""):
+def cli_run_yaml(ray_session, data, model, tmp_path, limit, extra="", pool="num_cpus_per_actor: 0.5"):
     """A run.yaml for ``dpo-ray`` subprocesses, and their environment (joined to this session's Ray)."""
     config = tmp_path / "run.yaml"
     config.write_text(
         f"data:\n  source: {data}\n  tokenizer: {model}\n  limit: {limit}\n  on_bad_row: skip\n"
         f"reference:\n  model: {model}\n  cache_dir: {tmp_path / 'cache'}\n"
-        f"  num_cpus_per_actor: 0.5\n{extra}")
+        f"  pool: {{{pool}}}\n{extra}")
     return config, dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
 
 
@@ -287,7 +287,7 @@ def test_consistent_entry_over_too_few_pairs_is_not_a_hit(ray_session, hh_path, 
 
 def test_two_runs_scoring_one_cache_at_once_both_succeed(ray_session, hh_path, tiny_llama, tmp_path):
     config, env = cli_run_yaml(ray_session, hh_path, tiny_llama, tmp_path, 24,
-                               "  min_actors: 1\n  max_actors: 1\n  batch_size: 8\n")
+                               "  batch_size: 8\n", pool="num_cpus_per_actor: 0.5, max_actors: 1")
     runs = [subprocess.Popen([sys.executable, "-m", "dpo_ray", "reference", "--config", str(config)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
             for _ in range(2)]

@@ -67,7 +67,7 @@ def test_fsdp_matches_ddp_holds_half_the_model_state_and_resumes(ddp, hh_path, t
 
 def test_lora_trains_only_adapters_saves_resumes_merges_and_scores(ray_session, hh_path, tiny_llama,
                                                                    tmp_path):
-    from dpo_ray.config import LoraConfig, ReferenceConfig
+    from dpo_ray.config import LoraConfig, Pool, ReferenceConfig
     from dpo_ray.models import load_causal_lm
     from dpo_ray.reference import ensure_reference
 
@@ -101,10 +101,10 @@ def test_lora_trains_only_adapters_saves_resumes_merges_and_scores(ray_session, 
     # ...and the reference actor pool scores with it (its cache key names adapter and base).
     config = run_config(hh_path, tiny_llama, tmp_path, "unused", **STEPS)
     scored = ensure_reference(config.data, ReferenceConfig(
-        model=str(final), cache_dir=str(tmp_path / "cache"), num_cpus_per_actor=0.5, max_actors=1))
+        model=str(final), cache_dir=str(tmp_path / "cache"), pool=Pool(num_cpus_per_actor=0.5)))
     by_merged = ensure_reference(config.data, ReferenceConfig(
         model=str(whole.run_dir / "final_model_merged"), cache_dir=str(tmp_path / "cache"),
-        num_cpus_per_actor=0.5, max_actors=1))
+        pool=Pool(num_cpus_per_actor=0.5)))
     assert scored.key != by_merged.key
     a = scored.dataset.to_pandas().sort_values("pair_id")
     b = by_merged.dataset.to_pandas().sort_values("pair_id")

@@ -6,7 +6,7 @@
 import pytest
 
 from dpo_ray.config import DataConfig
-from dpo_ray.data.formats import BadRow
+from dpo_ray.data.errors import BadRow
 from dpo_ray.data.tokenize import PairTokenizer, render_conversation, truncate_pair
 from helpers import records_batch
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpo_ray.config import DataConfig, ReferenceConfig, RunConfig, TrainConfig
+from dpo_ray.config import DataConfig, Pool, ReferenceConfig, RunConfig, TrainConfig
 from dpo_ray.training import train
-from dpo_ray.training.trainer import latest_checkpoint
+from dpo_ray.data.pipeline import latest_checkpoint
 
 
 def run_config(hh_path, model, tmp_path, name, pairs=16, **train_kw):
@@ -18,7 +18,7 @@ def run_config(hh_path, model, tmp_path, name, pairs=16, **train_kw):
         data=DataConfig(source=str(hh_path), tokenizer=str(model), limit=pairs, on_bad_row="skip",
                         max_length=96, max_prompt_length=48),
         reference=ReferenceConfig(model=str(model), cache_dir=str(tmp_path / "cache"),
-                                  num_cpus_per_actor=0.5, max_actors=1),
+                                  pool=Pool(num_cpus_per_actor=0.5)),
         train=TrainConfig(output_dir=str(tmp_path / "runs"), run_name=name, seed=0,
                           **{"num_workers": 2, "cpus_per_worker": 1.0, **train_kw}),
     )
@@ -61,7 +61,7 @@ def test_two_worker_training_overfits_a_small_subset(overfit, tiny_llama):
 def test_held_out_split_is_stable_disjoint_and_roughly_the_asked_share():
     import hashlib
 
-    from dpo_ray.training.trainer import is_held_out
+    from dpo_ray.data.pipeline import is_held_out
 
     ids = [hashlib.sha256(str(i).encode()).hexdigest()[:32] for i in range(4000)]
     held = [i for i in ids if is_held_out(i, 0.1)]

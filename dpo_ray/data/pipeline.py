@@ -16,13 +16,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ray
-from ray.data import ActorPoolStrategy
 
 from dpo_ray.config import DataConfig, save_config
-from dpo_ray.data.formats import DUPLICATE_PAIR, NO_PAIRS_LEFT, NO_ROWS, PreferenceDataError
+from dpo_ray.data.errors import DUPLICATE_PAIR, NO_PAIRS_LEFT, NO_ROWS, PreferenceDataError
 from dpo_ray.data.sources import list_source, read_records
 from dpo_ray.data.tokenize import PAIR_SCHEMA, PairTokenizer
-from dpo_ray.ray_env import root_cause
+from dpo_ray.ray_env import actor_pool_kwargs, root_cause
 
 PAIR_COLUMNS = [name for name in PAIR_SCHEMA.names if not name.startswith("skip_")]
 _EXAMPLES_KEPT = 20
@@ -111,6 +110,19 @@ def _report(stats) -> DataReport:
     )
 
 
+def is_held_out(pair_id: str, fraction: float) -> bool:
+    """A pair is held out iff the first 32 bits of its content hash fall below ``fraction``:
+    the same pairs in every run, and never in both splits."""
+    return int(pair_id[:8], 16) < fraction * 16**8
+
+
+def split_train_eval(dataset: ray.data.Dataset, fraction: float) -> dict[str, ray.data.Dataset]:
+    if fraction <= 0:
+        return {"train": dataset}
+    return {"train": dataset.filter(lambda row: not is_held_out(row["pair_id"], fraction)),
+            "eval": dataset.filter(lambda row: is_held_out(row["pair_id"], fraction))}
+
+
 def source_name(config: DataConfig, source=None) -> str:
     """How messages name the input: the configured source, or the in-memory object's kind."""
     if source is None:
@@ -127,18 +139,13 @@ def prepare_pairs(config: DataConfig, source=None) -> tuple[ray.data.Dataset, Da
     the first bad row in source order (file, row, reason) with the count of all bad rows, so one
     run shows the whole extent of the problem and the message does not depend on scheduling.
     """
-    from dpo_ray.preflight import check_resources
-
     records = read_records(config.source if source is None else source, config)
-    if ray.is_initialized():  # Ray Data starts a local Ray itself when none is connected
-        check_resources("tokenizer actor pool", {"CPU": config.tokenize_num_cpus}, 1)
     tokenized = records.map_batches(
         PairTokenizer,
         fn_constructor_args=(config,),
         batch_format="pyarrow",
         batch_size=config.tokenize_batch_size,
-        compute=ActorPoolStrategy(min_size=1, max_size=config.tokenize_actors),
-        num_cpus=config.tokenize_num_cpus,
+        **actor_pool_kwargs(config.pool, "tokenizer"),
     )
     tokenized = tokenized.materialize()
     stats = tokenized.select_columns(

@@ -34,7 +34,7 @@ import pyarrow as pa
 import ray
 from ray.data.datasource import FileBasedDatasource
 
-from dpo_ray.data.formats import (
+from dpo_ray.data.errors import (
     CORRUPT_FILE, ENCODING_ERROR, MALFORMED_CSV, MALFORMED_JSON, UNREADABLE_SOURCE, WRONG_TYPE,
     PreferenceDataError,
 )

@@ -17,7 +17,6 @@ import pyarrow as pa
 import ray
 import torch
 
-from dpo_ray.config import actor_pool_kwargs
 from dpo_ray.logps import (
     model_forward_logits,
     pad_sequences,
@@ -25,6 +24,7 @@ from dpo_ray.logps import (
     sequence_logps,
 )
 from dpo_ray.models import load_causal_lm, pick_device
+from dpo_ray.ray_env import actor_pool_kwargs
 
 GENERATION_COLUMNS = {
     "prompt_id": pa.string(),
@@ -78,7 +78,7 @@ class Generator:
         from transformers import AutoTokenizer
 
         self.cfg, self.model_id = config, model_id
-        self.device = pick_device(config.num_gpus_per_actor)
+        self.device = pick_device(config.pool.num_gpus_per_actor)
         self.tokenizer = AutoTokenizer.from_pretrained(model_id)
         self.model = load_causal_lm(model_id, config.dtype, device=self.device).eval()
         self.eos = self.tokenizer.eos_token_id
@@ -129,7 +129,7 @@ class SequenceScorer:
     another model (the reference, for the KL estimate). Same tokenizer as the generator assumed."""
 
     def __init__(self, model_id: str, column: str, config):
-        self.device = pick_device(config.num_gpus_per_actor)
+        self.device = pick_device(config.pool.num_gpus_per_actor)
         self.model = load_causal_lm(model_id, config.dtype, device=self.device).eval()
         self.column, self.micro = column, max(1, config.batch_size)
 
@@ -143,18 +143,18 @@ class SequenceScorer:
         return batch.append_column(self.column, pa.array(values, pa.float64()))
 
 
-def _pool(config, size: int | None = None) -> dict:
+def _pool(config, what: str) -> dict:
     return {"batch_format": "pyarrow", "batch_size": config.batch_size,
-            **actor_pool_kwargs(config, size)}
+            **actor_pool_kwargs(config.pool, what)}
 
 
 def generate(prompts: ray.data.Dataset, model_id: str, config) -> ray.data.Dataset:
     """Samples for every prompt (lazy). Blocks of one batch each spread prompts over the pool."""
     return prompts.repartition(target_num_rows_per_block=config.batch_size).map_batches(
-        Generator, fn_constructor_args=(model_id, config), **_pool(config))
+        Generator, fn_constructor_args=(model_id, config), **_pool(config, "generation"))
 
 
 def score_samples(samples: ray.data.Dataset, model_id: str, column: str, config) -> ray.data.Dataset:
     """``samples`` + ``column``: each response's log-prob under ``model_id`` (lazy)."""
     return samples.repartition(target_num_rows_per_block=config.batch_size).map_batches(
-        SequenceScorer, fn_constructor_args=(model_id, column, config), **_pool(config))
+        SequenceScorer, fn_constructor_args=(model_id, column, config), **_pool(config, "sequence scorer"))

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from ray.data import ActorPoolStrategy
 
 from dpo_ray.config import RunConfig, load_config
 from dpo_ray.eval import stats
-from dpo_ray.preflight import check_model_path, check_resources
+from dpo_ray.preflight import check_model_path
 
 
 class _PairScorer:
@@ -42,8 +41,8 @@ class _PairScorer:
 def pair_accuracy(run_dir: str | Path, model: str | None = None, actors: int = 1,
                   confidence: float = 0.95, address: str | None = None) -> dict:
     """Accuracy on the run's held-out pairs; writes ``<run_dir>/pair_accuracy.json``."""
-    from dpo_ray.ray_env import init_ray
-    from dpo_ray.training.trainer import split_train_eval
+    from dpo_ray.data.pipeline import split_train_eval
+    from dpo_ray.ray_env import actor_pool_kwargs, init_ray
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -57,16 +56,17 @@ def pair_accuracy(run_dir: str | Path, model: str | None = None, actors: int = 1
     model = model or str(run_dir / "final_model")
     check_model_path(model, "--model")
     init_ray(address)
+    # The reference pool's CPUs, GPUs and placement, with exactly ``actors`` actors.
+    pool = replace(config.reference.pool, min_actors=actors, max_actors=actors)
     if t.objective == "reward_model":
         from dpo_ray.data import prepare_pairs
 
         pairs, _ = prepare_pairs(config.data)
         held = split_train_eval(pairs, t.eval_fraction)["eval"]
-        check_resources("reward-model scorer pool", {"CPU": 1}, actors)
         scored = held.select_columns(["pair_id", "chosen_input_ids", "rejected_input_ids"]).map_batches(
             _PairScorer, fn_constructor_args=(model, config.reference.micro_batch_size),
             batch_format="pyarrow", batch_size=config.reference.batch_size,
-            compute=ActorPoolStrategy(size=actors)).to_pandas()
+            **actor_pool_kwargs(pool, "reward-model scorer")).to_pandas()
         margins = (scored["chosen_score"] - scored["rejected_score"]).to_numpy()
     else:
         from dpo_ray.reference import ensure_reference
@@ -77,8 +77,7 @@ def pair_accuracy(run_dir: str | Path, model: str | None = None, actors: int = 1
         held = held.rename_columns({"ref_chosen_logps": "cached_ref_chosen_logps",
                                     "ref_rejected_logps": "cached_ref_rejected_logps"})
         held = held.drop_columns([c for c in REFERENCE_COLUMNS if c.endswith("_tokens")])
-        policy_config = replace(config.reference, model=model, revision=None,
-                                min_actors=actors, max_actors=actors)
+        policy_config = replace(config.reference, model=model, revision=None, pool=pool)
         # The reference scorer run with the policy's weights: its ref_* columns are policy logps.
         scored = score_pairs(held, policy_config).to_pandas()
         chosen = t.beta * (scored["ref_chosen_logps"] - scored["cached_ref_chosen_logps"])

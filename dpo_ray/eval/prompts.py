@@ -15,7 +15,8 @@ import json
 import pandas as pd
 
 from dpo_ray.config import DataConfig
-from dpo_ray.data.formats import BadRow, extract_pair, read_error_reason
+from dpo_ray.data.errors import BadRow, read_error_reason
+from dpo_ray.data.tokenize import extract_pair
 from dpo_ray.data.sources import read_records
 
 
@@ -64,7 +65,7 @@ def load_prompts(source: str, held_out_fraction: float | None = None, limit: int
 
 def _prompt_row(rec, data: DataConfig, held_out_fraction: float | None, counts: dict) -> list[dict]:
     """The prompt of one record (none when its pair is not held out). Raises ``BadRow``."""
-    from dpo_ray.training.trainer import is_held_out
+    from dpo_ray.data.pipeline import is_held_out
 
     if pd.notna(rec.read_error):
         raise BadRow(*read_error_reason(rec.read_error), rec.source_file, rec.source_row)

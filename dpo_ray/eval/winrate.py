@@ -19,11 +19,12 @@ import numpy as np
 import pandas as pd
 import ray
 
-from dpo_ray.config import EvalConfig, JudgeConfig, actor_pool_kwargs, local_dir, save_config
+from dpo_ray.config import EvalConfig, JudgeConfig, local_dir, save_config
 from dpo_ray.eval import stats
 from dpo_ray.eval.generate import generate, score_samples
 from dpo_ray.eval.judges import build_judge
 from dpo_ray.eval.prompts import load_prompts
+from dpo_ray.ray_env import actor_pool_kwargs
 
 
 @dataclass
@@ -57,7 +58,7 @@ class _JudgeActor:
     def __init__(self, config: JudgeConfig):
         from dpo_ray.models import pick_device
 
-        self.judge = build_judge(config, str(pick_device(config.num_gpus_per_actor)))
+        self.judge = build_judge(config, str(pick_device(config.pool.num_gpus_per_actor)))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         got = self.judge.compare(batch["prompt_text"].tolist(), batch["policy_response"].tolist(),
@@ -74,12 +75,12 @@ class _JudgeActor:
 
 def run_judge(pairs: pd.DataFrame, config: JudgeConfig) -> pd.DataFrame:
     """Judgments for ``pairs`` (prompt_id, sample_index, prompt_text, policy_response,
-    baseline_response) on an actor pool of ``config.num_actors``; returned in ``pairs`` order."""
+    baseline_response) on the actor pool ``config.pool``; returned in ``pairs`` order."""
     ds = ray.data.from_pandas(pairs[["prompt_id", "sample_index", "prompt_text", "policy_response",
                                      "baseline_response"]])
     judged = ds.repartition(target_num_rows_per_block=config.batch_size).map_batches(
         _JudgeActor, fn_constructor_args=(config,), batch_format="pandas", batch_size=config.batch_size,
-        **actor_pool_kwargs(config)).to_pandas()
+        **actor_pool_kwargs(config.pool, f"judge {judge_label(config)!r}")).to_pandas()
     return pairs[["prompt_id", "sample_index"]].merge(judged, on=["prompt_id", "sample_index"],
                                                       how="left", validate="one_to_one")
 

@@ -33,14 +33,15 @@ import pandas as pd
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
-from dpo_ray.config import (_STRICT, DataConfig, EvalConfig, GenerationConfig, JudgeConfig,
-                            NonNegative, PositiveInt, ReferenceConfig, RunConfig, TrainConfig,
-                            build_config, local_dir, merge_trees, parse_overrides, save_config)
+from dpo_ray.config import (STRICT, DataConfig, EvalConfig, GenerationConfig, JudgeConfig,
+                            NonNegative, Pool, PositiveInt, ReferenceConfig, RunConfig, TrainConfig,
+                            load_config, local_dir, merge_trees, read_yaml,
+                            save_config)
 
 INSTRUCTION = "Continue this movie review with one more sentence:\n\n{prefix}"
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class SentimentConfig:
     model: str | None = None  # None: SmolLM2-135M-Instruct, exported from its PyPI package
     # Review text to take openings from, one per line (``__label__x`` tags are dropped), or a
@@ -52,17 +53,23 @@ class SentimentConfig:
     max_prompts: PositiveInt | None = None  # cap on prompts read (train + held out)
     rounds: PositiveInt = 2
     reference: Literal["initial", "previous"] = "initial"
-    train_judge: str = "vader"
-    check_judge: str = "textblob"  # never trained on
+    # The training reward (its scores pick best vs worst) and a judge never trained on; each runs
+    # on its own actor pool (``pool``), which builds the judge once per actor.
+    train_judge: JudgeConfig = field(default_factory=lambda: JudgeConfig(kind="function", name="vader"))
+    check_judge: JudgeConfig = field(default_factory=lambda: JudgeConfig(kind="function", name="textblob"))
     samples_per_prompt: Annotated[int, Field(ge=2)] = 4  # best vs worst needs two
     min_score_gap: NonNegative = 0.1
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(
-        max_new_tokens=20, temperature=1.0, batch_size=32, num_cpus_per_actor=2.0))
+        max_new_tokens=20, temperature=1.0, batch_size=32, pool=Pool(num_cpus_per_actor=2.0)))
     eval_samples_per_prompt: PositiveInt = 2
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         beta=0.1, learning_rate=2e-5, lr_scheduler_type="constant", num_train_epochs=1,
         per_device_train_batch_size=4, num_workers=2))
+    # Each round's data and reference stages (source, tokenizer and model are filled per round).
+    max_length: PositiveInt = 256
+    max_prompt_length: PositiveInt = 128
     reference_batch_size: PositiveInt = 32
+    reference_pool: Pool = field(default_factory=lambda: Pool(num_cpus_per_actor=2.0))
     output_dir: str = "runs/sentiment"
 
 
@@ -76,13 +83,14 @@ SIZES = {
 }
 
 
-def sized(size: str = "default", overrides: list[str] | None = None) -> SentimentConfig:
-    """The config of a named size, then ``key=value`` overrides (``rounds=3``, ``train.beta=0.2``)."""
+def sized(size: str = "default", overrides: list[str] | None = None,
+          path: str | Path | None = None) -> SentimentConfig:
+    """The defaults here, the YAML at ``path`` over them (``jobs/sentiment.yaml`` lists every
+    field), the named size's changes, then ``key=value`` overrides (``rounds=3``, ``train.beta=0.2``)."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
-    tree = merge_trees(merge_trees(asdict(SentimentConfig()), SIZES[size]),
-                       parse_overrides(overrides or []))
-    return build_config(SentimentConfig, tree, f"size {size}")
+    tree = merge_trees(asdict(SentimentConfig()), read_yaml(path) if path else {})
+    return load_config(SentimentConfig, overrides=overrides, defaults=merge_trees(tree, SIZES[size]))
 
 
 def pang_lee_sentences() -> Path:
@@ -136,22 +144,36 @@ def sample_and_score(policy: str, prompts: list[list[dict]], config: SentimentCo
     import ray
 
     from dpo_ray.eval.generate import generate
-    from dpo_ray.eval.judges import load_function
     from dpo_ray.eval.prompts import prompt_id
+    from dpo_ray.ray_env import actor_pool_kwargs
 
+    judge = config.train_judge
     frame = pd.DataFrame({"prompt_json": [json.dumps(p) for p in prompts],
                           "prompt_id": [prompt_id(p) for p in prompts]})
     gen = replace(config.generation, num_samples=config.samples_per_prompt, seed=seed)
-    judge_name = config.train_judge
-
-    def score(batch: pd.DataFrame) -> pd.DataFrame:
-        fn = load_function(judge_name)
-        batch["score"] = [float(fn("", r)) for r in batch["response"]]
-        return batch
-
     samples = generate(ray.data.from_pandas(frame), policy, gen)
-    scored = samples.map_batches(score, batch_format="pandas").to_pandas()
+    scored = samples.map_batches(
+        _ScoreSamples, fn_constructor_args=(judge,), batch_format="pandas",
+        batch_size=judge.batch_size, **actor_pool_kwargs(judge.pool, "training judge")).to_pandas()
     return scored.merge(frame, on="prompt_id")
+
+
+class _ScoreSamples:
+    """Ray Data callable class: the training judge, built once per actor, scores every sample
+    (a score judge: best vs worst needs a number per sample, not a pairwise verdict)."""
+
+    def __init__(self, judge: JudgeConfig):
+        from dpo_ray.eval.judges import build_judge
+        from dpo_ray.models import pick_device
+
+        self.judge = build_judge(judge, str(pick_device(judge.pool.num_gpus_per_actor)))
+        if self.judge.pairwise:
+            raise ValueError(f"train_judge {judge.name!r} is pairwise; the recipe needs a score "
+                             "judge, (prompt, response) -> score")
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        batch["score"] = self.judge.scores([""] * len(batch), batch["response"].tolist())
+        return batch
 
 
 def best_vs_worst(samples: pd.DataFrame, min_gap: float) -> tuple[list[dict], dict]:
@@ -201,15 +223,15 @@ def run(config: SentimentConfig) -> Path:
         pairs, counts = best_vs_worst(samples, config.min_score_gap)
         (folder / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
         mean_score = float(samples["score"].mean())
-        print(f"round {r}: mean {config.train_judge} score of the policy's samples {mean_score:.3f}; "
+        print(f"round {r}: mean {config.train_judge.name} score of the policy's samples {mean_score:.3f}; "
               f"{counts['pairs']} pairs, {counts['skipped_near_ties']} near-ties skipped", flush=True)
 
         step(f"round {r}: reference values (reference {Path(reference).name}) and DPO")
         run_config = RunConfig(
             data=DataConfig(source=str(folder / "pairs.jsonl"), tokenizer=initial, format="conversational",
-                            max_length=256, max_prompt_length=128),
+                            max_length=config.max_length, max_prompt_length=config.max_prompt_length),
             reference=ReferenceConfig(model=reference, batch_size=config.reference_batch_size,
-                                      num_cpus_per_actor=2.0, max_actors=1),
+                                      pool=config.reference_pool),
             train=replace(config.train, model=policy, output_dir=str(out), run_name=f"round_{r}/dpo"))
         result = train(run_config)
         last = result.metrics[-1]
@@ -223,8 +245,8 @@ def run(config: SentimentConfig) -> Path:
         step(f"round {r} done")
 
     step("evaluating every round's policy on held-out prompts against the original model")
-    judges = [JudgeConfig(kind="function", name=config.train_judge, label=f"{config.train_judge} (trained on)"),
-              JudgeConfig(kind="function", name=config.check_judge, label=f"{config.check_judge} (held-out judge)")]
+    judges = [replace(config.train_judge, label=config.train_judge.label or f"{config.train_judge.name} (trained on)"),
+              replace(config.check_judge, label=config.check_judge.label or f"{config.check_judge.name} (held-out judge)")]
     result = evaluate(EvalConfig(
         prompts=str(out / "held_out_prompts.jsonl"), policies=[r["policy"] for r in rounds],
         reference=initial, baseline="reference", judges=judges, output_dir=str(out), name="eval",
@@ -258,8 +280,8 @@ def write_report(out: Path, config: SentimentConfig, rounds: list[dict], result,
     lines = [
         "# Controlled-sentiment DPO", "",
         f"Model {Path(rounds[0]['reference']).name}; {config.rounds} round(s), reference "
-        f"`{config.reference}`; judges: {config.train_judge} (training reward) and "
-        f"{config.check_judge} (never trained on). {seconds / 60:.1f} minutes.", "",
+        f"`{config.reference}`; judges: {config.train_judge.name} (training reward) and "
+        f"{config.check_judge.name} (never trained on). {seconds / 60:.1f} minutes.", "",
         "## Held-out win rate against the original model", "",
         results_table(results), "", "![report](report.png)", "",
         "## Rounds", "", "| round | mean train-judge score of samples | pairs | near-ties skipped | "

@@ -11,9 +11,9 @@ import pyarrow as pa
 import ray
 import torch
 
-from dpo_ray.config import actor_pool_kwargs
-from dpo_ray.logps import concatenated_forward, pad_sequences
+from dpo_ray.logps import collate_pairs, concatenated_forward
 from dpo_ray.models import load_causal_lm, pick_device
+from dpo_ray.ray_env import actor_pool_kwargs
 
 REFERENCE_COLUMNS = {
     "ref_chosen_logps": pa.float64(),  # summed log-probs of the chosen response tokens
@@ -59,30 +59,31 @@ class ReferenceScorer:
 
     def __init__(self, config):
         self.cfg = config
-        self.device = pick_device(config.num_gpus_per_actor)
+        self.device = pick_device(config.pool.num_gpus_per_actor)
         self.model = load_causal_lm(config.model, config.dtype, config.revision,
                                     config.trust_remote_code, self.device).eval()
         self.counter = ray.get_actor(COUNTER_NAME, namespace=COUNTER_NAMESPACE)
 
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:
-        chosen = batch.column("chosen_input_ids").to_pylist()
-        rejected = batch.column("rejected_input_ids").to_pylist()
-        prompt_lengths = batch.column("prompt_length").to_pylist()
-        n = len(chosen)
+        columns = {name: batch.column(name).to_numpy(zero_copy_only=False)
+                   for name in ("chosen_input_ids", "rejected_input_ids", "prompt_length")}
+        n = len(batch)
         out = {name: [None] * n for name in REFERENCE_COLUMNS}
         # Bucket by length inside the batch: neighbours in this order pad to similar widths.
-        order = sorted(range(n), key=lambda i: max(len(chosen[i]), len(rejected[i])))
+        order = sorted(range(n), key=lambda i: max(len(columns["chosen_input_ids"][i]),
+                                                   len(columns["rejected_input_ids"][i])))
         forwards = 0
         for start in range(0, n, self.cfg.micro_batch_size):
             idx = order[start:start + self.cfg.micro_batch_size]
-            # Padding value is irrelevant: padded positions are masked and labelled -100.
-            c_ids, c_mask = pad_sequences([chosen[i] for i in idx], pad_id=0)
-            r_ids, r_mask = pad_sequences([rejected[i] for i in idx], pad_id=0)
+            # The same padding and forward as the policy's in training (training/loop.py). The
+            # padding value is irrelevant: padded positions are masked and labelled -100.
+            pairs = collate_pairs({k: v[idx] for k, v in columns.items()}, pad_id=0)
+            pairs = {k: v.to(self.device) for k, v in pairs.items()}
             result = concatenated_forward(
-                self.model, c_ids.to(self.device), c_mask.to(self.device), r_ids.to(self.device),
-                r_mask.to(self.device), torch.tensor([prompt_lengths[i] for i in idx],
-                                                     device=self.device), pad_id=0)
+                self.model, pairs["chosen_input_ids"], pairs["chosen_attention_mask"],
+                pairs["rejected_input_ids"], pairs["rejected_attention_mask"],
+                pairs["prompt_lengths"], pad_id=0)
             forwards += 1
             for j, i in enumerate(idx):
                 out["ref_chosen_logps"][i] = float(result["chosen_logps"][j])
@@ -105,5 +106,5 @@ def score_pairs(pairs: ray.data.Dataset, config, scorer_cls=ReferenceScorer) -> 
         fn_constructor_args=(config,),
         batch_format="pyarrow",
         batch_size=config.batch_size,
-        **actor_pool_kwargs(config),
+        **actor_pool_kwargs(config.pool, "reference scorer"),
     )

@@ -10,17 +10,71 @@ import json
 import math
 import tempfile
 import time
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import ray.train
 import torch
-import torch.distributed as dist
+from ray.data.collate_fn import NumpyBatchCollateFn
 
-from dpo_ray.logps import concatenate_pairs, concatenated_forward
+from dpo_ray.logps import collate_pairs, concatenate_pairs, concatenated_forward
 from dpo_ray.losses import preference_loss, reward_model_loss
-from dpo_ray.training import checkpoint
-from dpo_ray.training.collate import RankPairCollate
+from dpo_ray.training import checkpoint, metrics
 from dpo_ray.training.policy import gradient_sync, load_policy, local_state_mb, parallelize
+
+# The columns a worker reads from the cached dataset (docs/data.md): a reward model needs no
+# reference values.
+PAIR_TRAIN_COLUMNS = ["pair_id", "chosen_input_ids", "rejected_input_ids", "prompt_length"]
+TRAIN_COLUMNS = [*PAIR_TRAIN_COLUMNS, "ref_chosen_logps", "ref_rejected_logps"]  # DPO
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What the driver decided for the workers, beside the ``RunConfig`` (both travel in
+    ``train_loop_config``). Frozen and typed: a misspelt field fails on the driver, not in a worker."""
+
+    train_pairs: int  # pairs in the training split (steps per epoch = train_pairs // global batch)
+    policy: str  # the policy's starting weights: a folder (absolute) or hub id
+    policy_is_reference: bool  # same weights as the reference: the step-0 guard applies
+    pad_id: int
+    tokenizer: str  # saved with every checkpoint
+    reference_dtype: str  # the precision the cached values were scored in (step-0 guard)
+    run_dir: str
+    shuffle_buffer: int  # rows, for iter_torch_batches' local shuffle
+    has_eval: bool  # a held-out split exists (train.eval_fraction > 0)
+    resume_from: str | None  # a checkpoint of the run being resumed (train.resume)
+
+
+class RankPairCollate(NumpyBatchCollateFn):
+    """``iter_torch_batches`` collate class: this rank's rows of a global batch, split into
+    ``accumulation_steps`` micro-batches of padded tensors (a list, one entry per micro-batch;
+    empty when the batch has fewer rows than ranks and none fall to this one).
+
+    Every worker iterates the same globally ordered batches and keeps rows ``rank::world_size``.
+    This costs each worker a read of every pair (cheap next to a forward pass) and buys two things:
+    the global batch is the same whatever the number of workers, and the data position is a single
+    batch counter, so a restarted run can skip exactly the batches it already trained on.
+    """
+
+    def __init__(self, rank: int, world_size: int, accumulation_steps: int, pad_id: int):
+        super().__init__()
+        self.rank, self.world_size = rank, world_size
+        self.accumulation_steps, self.pad_id = accumulation_steps, pad_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> list[dict[str, torch.Tensor]]:
+        rows = np.arange(len(batch["pair_id"]))[self.rank::self.world_size]
+        if not len(rows):
+            # Only a last held-out batch can be smaller than the world (training drops partial
+            # batches): this rank has nothing to score in it, and says so with no micro-batch.
+            return []
+        micro = [chunk for chunk in np.array_split(rows, self.accumulation_steps) if len(chunk)]
+        out = [collate_pairs({k: v[chunk] for k, v in batch.items()}, self.pad_id) for chunk in micro]
+        # A checksum of the whole global batch, which every rank must agree on (see below).
+        crc = zlib.crc32("".join(map(str, batch["pair_id"])).encode()) & 0x7FFFFFFF
+        out[0]["global_batch_crc"] = torch.tensor(crc % (1 << 24))  # exact in float64 reductions
+        return out
 
 
 class Step0GuardError(ValueError):
@@ -28,17 +82,13 @@ class Step0GuardError(ValueError):
     cache, model or tokenizer), so the CLI prints it as one line."""
 
 
-_SUMS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-         "logps/chosen", "logps/rejected", "pairs", "tokens"]
-
-
 def train_loop_per_worker(config: dict) -> None:
-    run, meta = config["run"], config["meta"]
+    run, plan = config["run"], config["plan"]
     t = run.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
-    steps_per_epoch = meta["pairs"] // global_batch  # drop_last: every rank gets full batches
+    steps_per_epoch = plan.train_pairs // global_batch  # drop_last: every rank gets full batches
     total_steps = steps_per_epoch * t.num_train_epochs
     if t.max_steps > 0:
         total_steps = min(total_steps, t.max_steps)
@@ -47,7 +97,7 @@ def train_loop_per_worker(config: dict) -> None:
     # 1. The policy (dtype, LoRA, checkpointing; see policy.py), replicated by DDP or sharded by
     #    FSDP; optimizer over the trainable parameters only; schedule. A reward model is the same
     #    backbone with a scalar head instead of the LM head.
-    policy = load_policy(meta, run)
+    policy = load_policy(plan.policy, plan.pad_id, run)
     model = parallelize(policy, t.parallel_strategy)
     device = ray.train.torch.get_device()
     optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], t)
@@ -57,8 +107,8 @@ def train_loop_per_worker(config: dict) -> None:
     #    this attempt's latest checkpoint after a failure, else from the run being resumed.
     step = 0
     start_from = ray.train.get_checkpoint()
-    if start_from is None and meta["resume_from"]:
-        start_from = ray.train.Checkpoint(meta["resume_from"])
+    if start_from is None and plan.resume_from:
+        start_from = ray.train.Checkpoint(plan.resume_from)
     if start_from:
         with start_from.as_directory() as folder:
             step = checkpoint.restore(folder, model, policy, optimizer, scheduler)
@@ -66,17 +116,17 @@ def train_loop_per_worker(config: dict) -> None:
 
     # 3. Every rank reads the same global batches; RankPairCollate keeps rows rank::world.
     shard = ray.train.get_dataset_shard("train")
-    collate = RankPairCollate(rank, world, t.gradient_accumulation_steps, meta["pad_id"])
-    metrics_file = Path(meta["run_dir"]) / "metrics.jsonl"
+    collate = RankPairCollate(rank, world, t.gradient_accumulation_steps, plan.pad_id)
+    metrics_file = Path(plan.run_dir) / "metrics.jsonl"
     # Logged metrics are means over every pair since the last log (as TRL/HF Trainer log them):
     # with logging_steps > 1 a single 16-pair batch would swing rewards/accuracies by +-0.3.
-    window, window_logratio, window_seconds = [0.0] * len(_SUMS), 0.0, 0.0
+    window, window_logratio, window_seconds = [0.0] * len(metrics.SUMS), 0.0, 0.0
     started = time.perf_counter()
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
         batches = shard.iter_torch_batches(
             batch_size=global_batch, collate_fn=collate, drop_last=True,
-            local_shuffle_buffer_size=meta["shuffle_buffer"], local_shuffle_seed=t.seed + epoch)
+            local_shuffle_buffer_size=plan.shuffle_buffer, local_shuffle_seed=t.seed + epoch)
         for index, micro_batches in enumerate(batches):
             if index < skip:
                 continue  # trained on before the restart
@@ -84,7 +134,7 @@ def train_loop_per_worker(config: dict) -> None:
                 break
 
             # 4. Forward + backward over the micro-batches; gradients sync on the last one only.
-            sums = torch.zeros(len(_SUMS), dtype=torch.float64)
+            sums = torch.zeros(len(metrics.SUMS), dtype=torch.float64)
             # |logp_policy - logp_ref|, largest over pairs, absolute and relative to |logp_ref|
             # (the step-0 guard)
             max_abs_logratio, max_rel_logratio = 0.0, 0.0
@@ -95,12 +145,12 @@ def train_loop_per_worker(config: dict) -> None:
                 sync = gradient_sync(model, enabled=last)
                 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.bf16)
                 with sync, autocast:
-                    out, losses, chosen_rewards, rejected_rewards = _pair_losses(
-                        model, batch, t, meta["pad_id"])
+                    out, losses, chosen_rewards, rejected_rewards = pair_losses(
+                        model, batch, t, plan.pad_id)
                     # Sum over pairs / pairs per rank: after DDP averages over ranks, the gradient
                     # is that of the mean loss over the global batch, for any world size.
                     (losses.sum() / (global_batch // world)).backward()
-                sums += _batch_sums(losses, chosen_rewards, rejected_rewards, out, batch)
+                sums += _pair_sums(losses, chosen_rewards, rejected_rewards, out, batch)
                 if t.objective == "dpo":
                     deviation = torch.cat([
                         out["chosen_logps"].detach() - batch["ref_chosen_logps"],
@@ -111,17 +161,17 @@ def train_loop_per_worker(config: dict) -> None:
                         (deviation / reference.abs().clamp(min=1.0)).max()))
 
             # 5. Metrics averaged over workers; the step-0 guard before anything is updated.
-            totals = _all_reduce(sums, device)
-            step_logratio = _all_max(max_abs_logratio, device)
-            step_rel_logratio = _all_max(max_rel_logratio, device)
+            totals = metrics.all_reduce_sum(sums, device)
+            step_logratio = metrics.all_max(max_abs_logratio, device)
+            step_rel_logratio = metrics.all_max(max_rel_logratio, device)
             window = [w + x for w, x in zip(window, totals)]
             window_logratio = max(window_logratio, step_logratio)
-            if world > 1 and not _same_on_all_ranks(fingerprint, device):
+            if world > 1 and not metrics.same_on_all_ranks(fingerprint, device):
                 raise RuntimeError("ranks disagree on the global batch: the data order is not "
                                    "shared, so pairs would be skipped or repeated")
-            if step == 0 and meta["policy_is_reference"]:
-                _step0_guard({**_means(totals, t.objective), "max_abs_logratio": step_logratio,
-                              "max_rel_logratio": step_rel_logratio}, t, meta["reference_dtype"])
+            if step == 0 and plan.policy_is_reference:
+                _step0_guard({**metrics.means(totals, t.objective), "max_abs_logratio": step_logratio,
+                              "max_rel_logratio": step_rel_logratio}, t, plan.reference_dtype)
 
             # 6. Clip, step, schedule.
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
@@ -139,30 +189,30 @@ def train_loop_per_worker(config: dict) -> None:
 
             # 7. Held-out evaluation on its cached reference values (same steps on every rank).
             evaluated = {}
-            if "eval" in meta["datasets"] and (step == total_steps or (
+            if plan.has_eval and (step == total_steps or (
                     t.eval_steps > 0 and step % t.eval_steps == 0)):
-                evaluated = _evaluate(policy, rank, world, t, meta, device)
+                evaluated = _evaluate(policy, rank, world, t, plan, device)
 
             # 8. Report (a barrier: every rank, same steps); rank 0 logs and writes checkpoints.
             if log:
-                metrics = {**_means(window, t.objective), "max_abs_logratio": window_logratio,
-                           **evaluated, "grad_norm": float(grad_norm),
-                           "learning_rate": scheduler.get_last_lr()[0],
-                           "peak_memory_mb": _all_max(_peak_memory_mb(device), device),
-                           "model_state_mb": _all_max(state_mb, device),
-                           "epoch": step / steps_per_epoch, "step": step,
-                           "pairs_per_second": window[_SUMS.index("pairs")] / window_seconds,
-                           "tokens_per_second": window[_SUMS.index("tokens")] / window_seconds}
-                window, window_logratio, window_seconds = [0.0] * len(_SUMS), 0.0, 0.0
+                logged = {**metrics.means(window, t.objective), "max_abs_logratio": window_logratio,
+                          **evaluated, "grad_norm": float(grad_norm),
+                          "learning_rate": scheduler.get_last_lr()[0],
+                          "peak_memory_mb": metrics.all_max(metrics.peak_memory_mb(device), device),
+                          "model_state_mb": metrics.all_max(state_mb, device),
+                          "epoch": step / steps_per_epoch, "step": step,
+                          "pairs_per_second": metrics.total(window, "pairs") / window_seconds,
+                          "tokens_per_second": metrics.total(window, "tokens") / window_seconds}
+                window, window_logratio, window_seconds = [0.0] * len(metrics.SUMS), 0.0, 0.0
                 if rank == 0:
                     with metrics_file.open("a") as f:
-                        f.write(json.dumps(metrics) + "\n")
-                    print(_progress(metrics, total_steps), flush=True)
-                _report(metrics, save, rank, model, policy, optimizer, scheduler, step, meta)
+                        f.write(json.dumps(logged) + "\n")
+                    print(_progress(logged, total_steps), flush=True)
+                _report(logged, save, rank, model, policy, optimizer, scheduler, step, plan)
             started = time.perf_counter()  # throughput counts training, not eval or checkpoints
 
 
-def _pair_losses(model, batch: dict, t, pad_id: int):
+def pair_losses(model, batch: dict, t, pad_id: int):
     """Policy log-probs (one chosen+rejected forward) -> per-pair losses and rewards against the
     cached reference log-probs. Returns (forward outputs, losses, chosen_rewards, rejected_rewards).
     For a reward model: scalar scores s of chosen and rejected (one forward), the Bradley-Terry
@@ -184,28 +234,27 @@ def _pair_losses(model, batch: dict, t, pad_id: int):
 
 
 @torch.no_grad()
-def _evaluate(policy, rank, world, t, meta, device) -> dict[str, float]:
+def _evaluate(policy, rank, world, t, plan: WorkerPlan, device) -> dict[str, float]:
     """``eval_``-prefixed metrics over the whole held-out split (rows rank::world per batch).
     The policy module itself runs (not the DDP wrapper): no gradients, nothing to synchronise."""
     policy.eval()
-    sums = torch.zeros(len(_SUMS), dtype=torch.float64)
-    collate = RankPairCollate(rank, world, 1, meta["pad_id"])
+    sums = torch.zeros(len(metrics.SUMS), dtype=torch.float64)
+    collate = RankPairCollate(rank, world, 1, plan.pad_id)
     batches = ray.train.get_dataset_shard("eval").iter_torch_batches(
         batch_size=t.per_device_eval_batch_size * world, collate_fn=collate)
     for micro_batches in batches:
         if not micro_batches and t.parallel_strategy == "fsdp":
             # Sharded layers gather their weights collectively: a rank with no rows in the last
             # held-out batch still runs a forward, or every other rank would wait for it forever.
-            policy(input_ids=torch.full((1, 2), meta["pad_id"], device=device))
+            policy(input_ids=torch.full((1, 2), plan.pad_id, device=device))
         for batch in micro_batches:
             batch.pop("global_batch_crc", None)
             batch = {k: v.to(device) for k, v in batch.items()}
-            out, losses, chosen_rewards, rejected_rewards = _pair_losses(
-                policy, batch, t, meta["pad_id"])
-            sums += _batch_sums(losses, chosen_rewards, rejected_rewards, out, batch)
+            out, losses, chosen_rewards, rejected_rewards = pair_losses(
+                policy, batch, t, plan.pad_id)
+            sums += _pair_sums(losses, chosen_rewards, rejected_rewards, out, batch)
     policy.train()
-    totals = _all_reduce(sums, device)
-    return {f"eval_{k}": v for k, v in _means(totals, t.objective).items()}
+    return metrics.means(metrics.all_reduce_sum(sums, device), t.objective, prefix="eval_")
 
 
 def _optimizer(params, t):
@@ -222,60 +271,14 @@ def _scheduler(optimizer, t, total_steps):
                          num_training_steps=max(total_steps, 1))
 
 
-def _batch_sums(losses, chosen_rewards, rejected_rewards, out, batch) -> torch.Tensor:
-    """Per-micro-batch sums of what ``_SUMS`` names (means are taken after the all-reduce).
-    A reward model has no log-probs: those sums stay 0 and its metrics leave them out."""
-    zero = torch.zeros(1)
-    return torch.tensor([
-        float(losses.detach().sum()), float(chosen_rewards.sum()), float(rejected_rewards.sum()),
-        float((chosen_rewards > rejected_rewards).sum()), float((chosen_rewards - rejected_rewards).sum()),
-        float(out.get("chosen_logps", zero).detach().sum()),
-        float(out.get("rejected_logps", zero).detach().sum()),
-        float(losses.numel()),
-        float(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()),
-    ], dtype=torch.float64)
+def _pair_sums(losses, chosen_rewards, rejected_rewards, out, batch) -> torch.Tensor:
+    """``metrics.pair_sums`` of one micro-batch (a reward model's ``out`` has no log-probs)."""
+    return metrics.pair_sums(
+        losses, chosen_rewards, rejected_rewards, out.get("chosen_logps"), out.get("rejected_logps"),
+        int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()))
 
 
-def _all_reduce(sums: torch.Tensor, device) -> list[float]:
-    if dist.is_available() and dist.is_initialized():
-        summed = sums.to(device)
-        dist.all_reduce(summed)
-        return summed.cpu().tolist()
-    return sums.tolist()
-
-
-def _peak_memory_mb(device) -> float:
-    """Peak memory of this worker: GPU allocations on CUDA, else the process's max RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _all_max(value: float, device) -> float:
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor[0])
-
-
-def _same_on_all_ranks(value: int, device) -> bool:
-    both = torch.tensor([value, -value], dtype=torch.float64, device=device)
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)  # -> [max, -min]
-    return float(both[0]) == -float(both[1])
-
-
-def _means(totals: list[float], objective: str = "dpo") -> dict[str, float]:
-    pairs = totals[_SUMS.index("pairs")]
-    if not pairs:
-        return {}
-    names = _SUMS[:7] if objective == "dpo" else _SUMS[:5]  # a reward model has no log-probs
-    return {name: totals[i] / pairs for i, name in enumerate(names)}
-
-
-def _step0_guard(metrics: dict, t, reference_dtype: str) -> None:
+def _step0_guard(step_metrics: dict, t, reference_dtype: str) -> None:
     """Policy == reference at step 0, so every log-ratio (hence reward) is 0 and the sigmoid loss
     ln 2. Anything else means the cached values do not belong to this policy or tokenization.
     The log-ratio is checked directly: through beta, rewards would hide a mismatch when beta is small.
@@ -287,11 +290,11 @@ def _step0_guard(metrics: dict, t, reference_dtype: str) -> None:
     """
     policy_precision = "bfloat16" if t.bf16 or t.dtype == "bfloat16" else "float32"
     if policy_precision != "float32" or reference_dtype != "float32":
-        if metrics["max_rel_logratio"] > t.step0_rtol_low_precision:
+        if step_metrics["max_rel_logratio"] > t.step0_rtol_low_precision:
             raise Step0GuardError(
                 f"step-0 guard: the policy starts from the reference weights but |logp_policy - "
-                f"logp_ref| reaches {metrics['max_abs_logratio']:.4f} nats, "
-                f"{metrics['max_rel_logratio']:.1%} of |logp_ref|. The policy runs in "
+                f"logp_ref| reaches {step_metrics['max_abs_logratio']:.4f} nats, "
+                f"{step_metrics['max_rel_logratio']:.1%} of |logp_ref|. The policy runs in "
                 f"{policy_precision} (train.dtype={t.dtype}, train.bf16={t.bf16}) and the reference "
                 f"was scored in {reference_dtype} (reference.dtype): rounding explains up to "
                 f"~{t.step0_rtol_low_precision:.0%} (train.step0_rtol_low_precision), not this. "
@@ -299,12 +302,12 @@ def _step0_guard(metrics: dict, t, reference_dtype: str) -> None:
                 "(wrong cache, model or tokenizer?)")
         return
     problems = []
-    if t.loss_type == "sigmoid" and abs(metrics["loss"] - math.log(2)) > t.step0_tolerance:
-        problems.append(f"loss {metrics['loss']:.6f} != ln 2 = 0.693147")
-    if metrics["max_abs_logratio"] > t.step0_tolerance:
-        problems.append(f"|logp_policy - logp_ref| reaches {metrics['max_abs_logratio']:.6f} "
-                        f"(rewards/chosen {metrics['rewards/chosen']:.6f}, "
-                        f"rewards/rejected {metrics['rewards/rejected']:.6f}), expected 0")
+    if t.loss_type == "sigmoid" and abs(step_metrics["loss"] - math.log(2)) > t.step0_tolerance:
+        problems.append(f"loss {step_metrics['loss']:.6f} != ln 2 = 0.693147")
+    if step_metrics["max_abs_logratio"] > t.step0_tolerance:
+        problems.append(f"|logp_policy - logp_ref| reaches {step_metrics['max_abs_logratio']:.6f} "
+                        f"(rewards/chosen {step_metrics['rewards/chosen']:.6f}, "
+                        f"rewards/rejected {step_metrics['rewards/rejected']:.6f}), expected 0")
     if problems:
         raise Step0GuardError("step-0 guard: the policy starts from the reference weights but "
                               + "; ".join(problems) + ". The cached reference values do not match "
@@ -317,16 +320,16 @@ def _progress(metrics: dict, total_steps: int) -> str:
             f"lr {metrics['learning_rate']:.2e} {metrics['pairs_per_second']:.2f} pairs/s")
 
 
-def _report(metrics, save, rank, model, policy, optimizer, scheduler, step, meta) -> None:
+def _report(logged, save, rank, model, policy, optimizer, scheduler, step, plan: WorkerPlan) -> None:
     """``ray.train.report`` on every rank (a barrier); with ``save``, every rank first takes part
     in gathering the full state (FSDP shards live on all of them) and rank 0 writes it."""
     if not save:
-        ray.train.report(metrics)
+        ray.train.report(logged)
         return
     model_state, optimizer_state = checkpoint.gather_state(model, optimizer)
     if rank != 0:
-        ray.train.report(metrics)
+        ray.train.report(logged)
         return
     with tempfile.TemporaryDirectory() as folder:
-        checkpoint.save(folder, policy, model_state, optimizer_state, scheduler, step, meta["tokenizer"])
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        checkpoint.save(folder, policy, model_state, optimizer_state, scheduler, step, plan.tokenizer)
+        ray.train.report(logged, checkpoint=ray.train.Checkpoint.from_directory(folder))

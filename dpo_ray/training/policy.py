@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dpo_ray.models import load_causal_lm
 
 
-def load_policy(meta: dict, run) -> torch.nn.Module:
+def load_policy(name_or_path: str, pad_id: int, run) -> torch.nn.Module:
     """The policy (or reward model) ready to train: precision, attention kernel, dropout off,
     LoRA adapters and gradient checkpointing as ``run.train`` asks."""
     t = run.train
@@ -31,11 +31,11 @@ def load_policy(meta: dict, run) -> torch.nn.Module:
         from dpo_ray.models import DTYPES
 
         model = AutoModelForSequenceClassification.from_pretrained(
-            meta["policy"], num_labels=1, use_safetensors=True, dtype=DTYPES[t.dtype],
+            name_or_path, num_labels=1, use_safetensors=True, dtype=DTYPES[t.dtype],
             trust_remote_code=run.reference.trust_remote_code, **extra)
-        model.config.pad_token_id = meta["pad_id"]  # the head reads the last non-pad token
+        model.config.pad_token_id = pad_id  # the head reads the last non-pad token
     else:
-        model = load_causal_lm(meta["policy"], t.dtype, trust_remote_code=run.reference.trust_remote_code,
+        model = load_causal_lm(name_or_path, t.dtype, trust_remote_code=run.reference.trust_remote_code,
                                attn_implementation=t.attn_implementation)
     if t.disable_dropout:  # the base model's dropout; LoRA's own dropout (train.peft.dropout) is kept
         for module in model.modules():

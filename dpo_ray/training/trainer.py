@@ -25,13 +25,13 @@ from ray.data import DataContext
 from ray.train.torch import TorchTrainer
 
 from dpo_ray.config import RunConfig, local_dir, save_config
-from dpo_ray.data import prepare_pairs
-from dpo_ray.preflight import check_paths, check_resources
+from dpo_ray.data import prepare_pairs, split_train_eval
+from dpo_ray.preflight import check_paths
+from dpo_ray.ray_env import check_resources
 from dpo_ray.reference import ensure_reference
 from dpo_ray.reference.cache import model_fingerprint
 from dpo_ray.training.checkpoint import STATE_FILE, STEP_FILE
-from dpo_ray.training.collate import PAIR_TRAIN_COLUMNS, TRAIN_COLUMNS
-from dpo_ray.training.loop import train_loop_per_worker
+from dpo_ray.training.loop import PAIR_TRAIN_COLUMNS, TRAIN_COLUMNS, WorkerPlan, train_loop_per_worker
 
 RAY_TRAIN_NAME = "ray_train"
 
@@ -42,19 +42,6 @@ class TrainResult:
     final_model: Path
     metrics: list[dict]
     reference_key: str | None  # None for a reward model (no reference)
-
-
-def is_held_out(pair_id: str, fraction: float) -> bool:
-    """A pair is held out iff the first 32 bits of its content hash fall below ``fraction``:
-    the same pairs in every run, and never in both splits."""
-    return int(pair_id[:8], 16) < fraction * 16**8
-
-
-def split_train_eval(dataset: ray.data.Dataset, fraction: float) -> dict[str, ray.data.Dataset]:
-    if fraction <= 0:
-        return {"train": dataset}
-    return {"train": dataset.filter(lambda row: not is_held_out(row["pair_id"], fraction)),
-            "eval": dataset.filter(lambda row: is_held_out(row["pair_id"], fraction))}
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -173,18 +160,6 @@ def train(config: RunConfig, source=None) -> TrainResult:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer)
-    meta = {
-        "pairs": train_pairs,
-        "policy": policy,
-        "policy_is_reference": t.objective == "dpo" and model_fingerprint(policy, None) == (
-            model_fingerprint(config.reference.model, config.reference.revision)),
-        "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        "tokenizer": config.data.tokenizer,
-        "reference_dtype": config.reference.dtype,
-        "run_dir": str(run_dir),
-        "shuffle_buffer": max(global_batch * 4, 64),
-        "datasets": sorted(datasets),
-    }
     # Resuming starts a new Ray Train attempt from the run's latest checkpoint, explicitly: a
     # reused Ray Train name would silently pick up (or skip) the old attempt's state.
     resume_from, attempt = None, RAY_TRAIN_NAME
@@ -192,13 +167,25 @@ def train(config: RunConfig, source=None) -> TrainResult:
         resume_from = latest_checkpoint(run_dir)
         attempt = f"{RAY_TRAIN_NAME}-resume-{len(list(run_dir.glob(RAY_TRAIN_NAME + '*')))}"
         print(f"resuming {run_dir} from {resume_from}", flush=True)
-    meta["resume_from"] = str(resume_from) if resume_from else None  # Train V2: via the config
-    # Every worker iterates the whole dataset in the same order (see training/collate.py).
+    plan = WorkerPlan(
+        train_pairs=train_pairs,
+        policy=policy,
+        policy_is_reference=t.objective == "dpo" and model_fingerprint(policy, None) == (
+            model_fingerprint(config.reference.model, config.reference.revision)),
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        tokenizer=config.data.tokenizer,
+        reference_dtype=config.reference.dtype,
+        run_dir=str(run_dir),
+        shuffle_buffer=max(global_batch * 4, 64),
+        has_eval="eval" in datasets,
+        resume_from=str(resume_from) if resume_from else None,  # Train V2: via the loop's config
+    )
+    # Every worker iterates the whole dataset in the same order (see RankPairCollate in training/loop.py).
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": config, "meta": meta},
+        train_loop_config={"run": config, "plan": plan},
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu,
             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}),
