@@ -208,6 +208,10 @@ class TrainConfig:
     eval_steps: NonNegativeInt = 0
     per_device_eval_batch_size: PositiveInt = 8
     # Ray Train
+    # The train/held-out splits held in Ray's object store for the run ("auto": when their upper
+    # bound, pairs x 2 x max_length token ids, fits in a quarter of it), or streamed from the cache
+    # every epoch and every evaluation (a re-read costs seconds however few the pairs).
+    materialize_datasets: Literal["auto", "always", "never"] = "auto"
     num_workers: PositiveInt = 2
     use_gpu: bool = False
     cpus_per_worker: NonNegative = 1.0

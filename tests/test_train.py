@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from dpo_ray.config import DataConfig, Pool, ReferenceConfig, RunConfig, TrainConfig
 from dpo_ray.training import train
-from dpo_ray.data.pipeline import latest_checkpoint
+from dpo_ray.training.trainer import latest_checkpoint
 
 
 def run_config(hh_path, model, tmp_path, name, pairs=16, **train_kw):

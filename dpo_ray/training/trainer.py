@@ -114,6 +114,16 @@ def _versions() -> dict[str, str | None]:
     return found
 
 
+def _materialize(setting: str, rows: int, max_length: int) -> bool:
+    """Whether to hold the splits in the object store. Streamed, every worker re-runs the read and
+    split for each epoch and each held-out evaluation: ~10 s each on a small cluster, more than the
+    training itself on a few thousand pairs. Held, they are read once and served from memory."""
+    if setting != "auto":
+        return setting == "always"
+    upper_bound = rows * (2 * max_length * 4 + 256)  # int32 token ids of both sequences + the rest
+    return upper_bound <= ray.cluster_resources().get("object_store_memory", 0) / 4
+
+
 def _write_merged(adapter: Path, out: Path, tokenizer: str) -> None:
     """Base + LoRA adapter folded into one plain Hugging Face model (no peft needed to load it)."""
     from transformers import AutoTokenizer
@@ -152,6 +162,8 @@ def train(config: RunConfig, source=None) -> TrainResult:
             {"key": reference.key, "path": reference.path, "rows": reference.rows}, indent=2))
         pairs, rows, reference_key, columns = reference.dataset, reference.rows, reference.key, TRAIN_COLUMNS
     datasets = split_train_eval(pairs.select_columns(columns), t.eval_fraction)
+    if _materialize(t.materialize_datasets, rows, config.data.max_length):
+        datasets = {name: ds.materialize() for name, ds in datasets.items()}
     train_pairs = datasets["train"].count() if t.eval_fraction > 0 else rows
     global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_workers
     if train_pairs < global_batch:
