@@ -23,6 +23,19 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 HH_FILE = "hh-rlhf-harmless-base-test.jsonl.gz"
 
 
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests need CUDA: without it they are skipped (CI here has no GPU; that is not a
+    missing input)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def _missing(what: str):
     if os.environ.get("CI") == "true":
         pytest.fail(f"{what} is required in CI")
@@ -48,6 +61,25 @@ def ray_session():
     init_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def reference_cache(tmp_path_factory) -> Path:
+    """One content-addressed reference cache for the session: runs over the same pairs and model
+    score them once. Tests about the cache itself (hits, damage, concurrency) use their own."""
+    return tmp_path_factory.mktemp("reference-cache")
+
+
+@pytest.fixture(scope="session")
+def reference_run(ray_session, hh_path, tiny_llama, reference_cache, tmp_path_factory):
+    """The plain 2-worker DDP run of ``helpers.STEPS``, which other training tests must equal
+    (one worker, gradient checkpointing, FSDP, stop and resume)."""
+    from helpers import STEPS, run_config
+
+    from dpo_ray.training import train
+
+    out = tmp_path_factory.mktemp("reference-run")
+    return train(run_config(hh_path, tiny_llama, out, "ddp", reference_cache, **STEPS))
 
 
 @pytest.fixture(scope="session")

@@ -45,6 +45,7 @@ def test_greedy_generation_through_the_pool_equals_model_generate(ray_session, s
     assert "Paris" in got.loc[0, "response"]
 
 
+@pytest.mark.slow
 def test_smollm2_against_itself_is_a_coin_flip_with_zero_kl(ray_session, smollm2, hh_path, tmp_path):
     """The policy is the reference: sampled answers differ (another seed), the lexicon judge's
     win rate CI covers 0.5, the KL estimate is 0, and the eval directory holds every judgment."""
@@ -129,6 +130,7 @@ def test_eval_without_policies_or_judges_fails_before_any_work(tmp_path):
     assert not (tmp_path / "evals").exists()  # nothing half-written
 
 
+@pytest.mark.slow
 def test_reward_model_on_real_hh_pairs_beats_chance(ray_session, hh_path, smollm2, tiny_llama,
                                                     tmp_path):
     """A Bradley-Terry reward model (tiny Llama + scalar head) trained by 2 Ray Train workers on

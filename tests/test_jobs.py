@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# Whole jobs on the real model / a second head node: the full suite only.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -117,10 +120,23 @@ def _pipeline_config(tmp_path, hh_path, tiny_llama, source=None) -> Path:
     return path
 
 
-def test_pipeline_job_on_a_real_head_node(head, hh_path, tiny_llama, tmp_path, monkeypatch):
+def test_two_jobs_on_a_real_head_node_one_succeeds_one_fails_with_its_reason(
+        head, hh_path, tiny_llama, tmp_path, monkeypatch):
+    """Submitted together, as users share a cluster: the pipeline job on good data succeeds, the
+    one given a bad row ends FAILED with file, row and reason in its logs."""
     address, env = head
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the job API client, as the CLI
+    bad = tmp_path / "bad" / "bad.jsonl"
+    bad.parent.mkdir()
+    bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
+                   + json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
     _submit(address, env, "dpo-pipeline-ok", _pipeline_config(tmp_path, hh_path, tiny_llama))
+    _submit(address, env, "dpo-pipeline-bad", _pipeline_config(bad.parent, hh_path, tiny_llama, bad))
+
+    state, logs = _wait(address, "dpo-pipeline-bad", timeout=300)
+    assert state == "FAILED"
+    assert "bad.jsonl, row 2: missing_field" in logs, logs[-3000:]
+
     state, logs = _wait(address, "dpo-pipeline-ok")
     assert state == "SUCCEEDED", logs[-4000:]
     run_dir = tmp_path / "runs" / "job"
@@ -135,16 +151,3 @@ def test_pipeline_job_on_a_real_head_node(head, hh_path, tiny_llama, tmp_path, m
     eval_summary = json.loads((Path(summary["eval_dir"]) / "summary.json").read_text())
     assert eval_summary["results"][0]["n"] == 6 and eval_summary["results"][0]["judge"] == "length"
     assert "pipeline finished" in logs
-
-
-def test_job_with_a_bad_row_fails_with_the_reason_in_its_logs(head, hh_path, tiny_llama, tmp_path,
-                                                             monkeypatch):
-    address, env = head
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
-                   + json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
-    _submit(address, env, "dpo-pipeline-bad", _pipeline_config(tmp_path, hh_path, tiny_llama, bad))
-    state, logs = _wait(address, "dpo-pipeline-bad", timeout=300)
-    assert state == "FAILED"
-    assert "bad.jsonl, row 2: missing_field" in logs, logs[-3000:]

@@ -8,7 +8,11 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
+
+# Whole jobs on the real model / a second head node: the full suite only.
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -152,7 +152,10 @@ BAD_ROWS = {
 TIGHT = dict(max_length=24, max_prompt_length=None)
 
 
-@pytest.mark.parametrize("kind", sorted(BAD_ROWS))
+# Raise mode, one kind per place a row is judged: the reader (malformed_json), the tokenizer
+# actors (missing_field) and the driver (duplicate_pair). Every kind's detection is checked by
+# test_skip_mode_counts_every_kind below, and each rule by tests/test_formats.py.
+@pytest.mark.parametrize("kind", ["malformed_json", "missing_field", "duplicate_pair"])
 def test_each_bad_row_kind_raises_with_file_row_and_reason(ray_session, smollm2, tmp_path, kind):
     path = write_jsonl(tmp_path / f"{kind}.jsonl", EXPLICIT[:2], raw_lines={3: BAD_ROWS[kind]})
     with pytest.raises(BadRow) as info:

@@ -158,6 +158,7 @@ def entry_files(cache_dir, key):
     return sorted(p for p in (Path(cache_dir) / key).rglob("*.parquet"))
 
 
+@pytest.mark.slow
 def test_killed_actor_then_rerun_gives_complete_cache(ray_session, hh_path, tiny_llama, tmp_path):
     data_cfg, ref_cfg = configs(hh_path, tiny_llama, tmp_path / "cache", limit=64)
     key = cache_key(data_cfg, ref_cfg)[0]
@@ -187,6 +188,7 @@ def test_killed_actor_then_rerun_gives_complete_cache(ray_session, hh_path, tiny
     assert sum(f["rows"] for f in manifest["files"]) == len(rows)
 
 
+@pytest.mark.slow
 def test_truncated_cache_file_is_detected_and_recomputed(ray_session, hh_path, tiny_llama, tmp_path):
     data_cfg, ref_cfg = configs(hh_path, tiny_llama, tmp_path / "cache", limit=32)
     first = ensure_reference(data_cfg, ref_cfg)
@@ -203,6 +205,7 @@ def test_truncated_cache_file_is_detected_and_recomputed(ray_session, hh_path, t
     ReferenceCache(ref_cfg.cache_dir).load(first.key)  # the new entry verifies
 
 
+@pytest.mark.slow
 def test_smollm2_pool_equals_direct_computation(ray_session, hh_path, smollm2, tmp_path):
     # 32 pairs keep CI short on 2 cores; benchmarks/reference_scoring.py --check runs all 256.
     data_cfg, ref_cfg = configs(hh_path, smollm2, tmp_path / "cache", limit=32, max_length=256,
@@ -246,6 +249,7 @@ def _manifest_path(ref_cfg, key):
     return Path(ref_cfg.cache_dir) / key / "manifest.json"
 
 
+@pytest.mark.slow
 def test_broken_manifests_are_set_aside_and_recomputed_never_stuck(ray_session, hh_path, tiny_llama,
                                                                     tmp_path):
     data_cfg, ref_cfg = configs(hh_path, tiny_llama, tmp_path / "cache", limit=16)
@@ -262,6 +266,7 @@ def test_broken_manifests_are_set_aside_and_recomputed_never_stuck(ray_session, 
     assert len(list((tmp_path / "cache" / first.key).glob("manifest.corrupt-*.json"))) == 3
 
 
+@pytest.mark.slow
 def test_consistent_entry_over_too_few_pairs_is_not_a_hit(ray_session, hh_path, tiny_llama, tmp_path):
     from dpo_ray.reference.cache import _sha256_local, pair_ids_digest
 
@@ -285,6 +290,7 @@ def test_consistent_entry_over_too_few_pairs_is_not_a_hit(ray_session, hh_path, 
     assert f"holds 48 rows, 48 of the {first.rows} pairs" in again.recomputed_because
 
 
+@pytest.mark.slow
 def test_two_runs_scoring_one_cache_at_once_both_succeed(ray_session, hh_path, tiny_llama, tmp_path):
     config, env = cli_run_yaml(ray_session, hh_path, tiny_llama, tmp_path, 24,
                                "  batch_size: 8\n", pool="num_cpus_per_actor: 0.5, max_actors: 1")
@@ -303,6 +309,7 @@ def test_two_runs_scoring_one_cache_at_once_both_succeed(ray_session, hh_path, t
     assert len(attempts) == 1  # the run that lost the commit removed its own attempt
 
 
+@pytest.mark.slow
 def test_reader_keeps_its_files_while_the_entry_is_recommitted(ray_session, hh_path, tiny_llama,
                                                                tmp_path):
     data_cfg, ref_cfg = configs(hh_path, tiny_llama, tmp_path / "cache", limit=16)
@@ -323,6 +330,7 @@ class SlowScorer(ReferenceScorer):
         return super().__call__(batch)
 
 
+@pytest.mark.slow
 def test_scorer_killed_from_outside_gives_the_uninterrupted_values(ray_session, hh_path, tiny_llama,
                                                                   tmp_path):
     import signal
@@ -359,6 +367,7 @@ def test_scorer_killed_from_outside_gives_the_uninterrupted_values(ray_session, 
             assert row[column] == pytest.approx(plain[row["pair_id"]][column], abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flip a byte", "delete a file"])
 def test_damaged_cache_file_is_detected_and_recomputed(ray_session, hh_path, tiny_llama, tmp_path,
                                                        damage):

@@ -1,114 +1,147 @@
 """Models past toy size: LoRA adapters, bfloat16 weights, gradient checkpointing and FSDP, each
-through the real TorchTrainer with 2 workers (gloo on CPU) and compared with the plain DDP run."""
+through the real TorchTrainer with 2 workers (gloo on CPU) and compared with the plain DDP run
+(``reference_run`` in conftest.py). Runs that restart (resume, a killed worker) are marked slow."""
 
 import json
 import math
+import threading
+import time
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from dpo_ray.training import train
-from test_train import run_config, weights
-
-# 16 pairs, of which 5 held out (by their hash) and 11 trained on; 2 workers x 2 pairs: 2 steps
-# per epoch. A constant schedule, so a run stopped after 2 steps and resumed to 4 must equal the
-# uninterrupted one. The held-out pairs come in global batches of 4 and then 1, so one rank gets
-# no row in the last batch (under FSDP it must still join the forward pass).
-STEPS = dict(pairs=16, per_device_train_batch_size=2, learning_rate=1e-3, num_train_epochs=2,
-             lr_scheduler_type="constant", max_steps=4, eval_fraction=0.25, eval_steps=2,
-             per_device_eval_batch_size=2)
+from dpo_ray.training.trainer import latest_checkpoint
+from helpers import STEPS, assert_same_steps, assert_same_weights, own_ray_processes, run_config, weights
 
 
-@pytest.fixture(scope="module")
-def ddp(ray_session, hh_path, tiny_llama, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ddp")
-    return train(run_config(hh_path, tiny_llama, tmp, "ddp", **STEPS))
-
-
-def assert_same_steps(a, b, atol=1e-5):
-    assert [m["step"] for m in a.metrics] == [m["step"] for m in b.metrics]
-    for x, y in zip(a.metrics, b.metrics):
-        assert x["loss"] == pytest.approx(y["loss"], abs=atol)
-        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
-        assert ("eval_loss" in x) == ("eval_loss" in y) == (x["step"] % 2 == 0)
-        if "eval_loss" in x:
-            assert x["eval_loss"] == pytest.approx(y["eval_loss"], abs=atol)
-
-
-def test_gradient_checkpointing_gives_the_plain_run(ddp, hh_path, tiny_llama, tmp_path):
-    checkpointed = train(run_config(hh_path, tiny_llama, tmp_path, "gc", gradient_checkpointing=True,
-                                    **STEPS))
-    assert_same_steps(checkpointed, ddp)
-    w, v = weights(checkpointed.final_model), weights(ddp.final_model)
-    assert all(torch.allclose(w[k], v[k], atol=1e-5) for k in v)
-
-
-def test_fsdp_matches_ddp_holds_half_the_model_state_and_resumes(ddp, hh_path, tiny_llama, tmp_path):
-    """FSDP2 over gloo: the same losses and weights as DDP, each worker holding half of the weights,
-    gradients and Adam state; stopped after 2 steps and resumed from its (gathered) checkpoint."""
-    first = train(run_config(hh_path, tiny_llama, tmp_path, "fsdp", parallel_strategy="fsdp",
-                             **{**STEPS, "max_steps": 2}))
-    resumed = train(run_config(hh_path, tiny_llama, tmp_path, "fsdp", parallel_strategy="fsdp",
-                               resume=True, **STEPS))
-    assert_same_steps(resumed, ddp)
-    w, v = weights(resumed.final_model), weights(ddp.final_model)
-    assert w.keys() == v.keys() and all(torch.allclose(w[k], v[k], atol=1e-5) for k in v)
-    ratio = first.metrics[-1]["model_state_mb"] / ddp.metrics[-1]["model_state_mb"]
+def test_fsdp_matches_ddp_and_holds_half_the_model_state(reference_run, hh_path, tiny_llama,
+                                                         reference_cache, tmp_path):
+    """FSDP2 over gloo: the same losses, held-out losses (including a rank with no held-out row)
+    and weights as DDP, each worker holding half of the weights, gradients and Adam state."""
+    fsdp = train(run_config(hh_path, tiny_llama, tmp_path, "fsdp", reference_cache,
+                            parallel_strategy="fsdp", **STEPS))
+    assert_same_steps(fsdp, reference_run)
+    assert_same_weights(fsdp.final_model, reference_run.final_model)
+    ratio = fsdp.metrics[-1]["model_state_mb"] / reference_run.metrics[-1]["model_state_mb"]
     assert 0.45 < ratio < 0.6, ratio  # half, plus the unevenly split remainders
-    # Resuming a run that already reached its last step trains nothing and keeps its model.
-    again = train(run_config(hh_path, tiny_llama, tmp_path, "fsdp", parallel_strategy="fsdp",
-                             resume=True, **STEPS))
-    assert all(torch.equal(w[k], v) for k, v in weights(again.final_model).items())
     # A plain Hugging Face folder: the sharded class name is not recorded.
-    config = json.loads((resumed.final_model / "config.json").read_text())
+    config = json.loads((fsdp.final_model / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
 
 
-def test_lora_trains_only_adapters_saves_resumes_merges_and_scores(ray_session, hh_path, tiny_llama,
-                                                                   tmp_path):
-    from dpo_ray.config import LoraConfig, Pool, ReferenceConfig
-    from dpo_ray.models import load_causal_lm
-    from dpo_ray.reference import ensure_reference
+@pytest.mark.slow
+def test_fsdp_run_stopped_mid_epoch_resumes_to_the_same_run(reference_run, hh_path, tiny_llama,
+                                                           reference_cache, tmp_path):
+    """Stopped after step 1 of epoch 1 and resumed (train.resume) from its gathered checkpoint:
+    the data position, weights, Adam state and schedule continue exactly."""
+    part = run_config(hh_path, tiny_llama, tmp_path, "fsdp", reference_cache,
+                      parallel_strategy="fsdp", **{**STEPS, "max_steps": 1})
+    assert [m["step"] for m in train(part).metrics] == [1]
+    whole = run_config(hh_path, tiny_llama, tmp_path, "fsdp", reference_cache,
+                       parallel_strategy="fsdp", resume=True, **STEPS)
+    resumed = train(whole)
+    # Step 1's record is the stopped run's, which ended there and so also evaluated there.
+    first = resumed.metrics[0]
+    assert "eval_loss" in first and first["loss"] == pytest.approx(reference_run.metrics[0]["loss"], abs=1e-5)
+    resumed.metrics[0] = {k: v for k, v in first.items() if not k.startswith("eval_")}
+    assert_same_steps(resumed, reference_run)
+    assert_same_weights(resumed.final_model, reference_run.final_model)
+    state = torch.load(latest_checkpoint(resumed.run_dir) / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 4 and state["scheduler"]["last_epoch"] == 4
+    # Resuming a run that already reached its last step trains nothing and keeps its model.
+    again = train(whole)
+    assert_same_weights(again.final_model, resumed.final_model, atol=0)
 
-    lora = dict(peft=LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], merge=True),
-                **{**STEPS, "learning_rate": 1e-2})
-    whole = train(run_config(hh_path, tiny_llama, tmp_path, "lora", **lora))
+
+def _lora(**extra):
+    from dpo_ray.config import LoraConfig
+
+    return dict(peft=LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], merge=True),
+                **{**STEPS, "learning_rate": 1e-2, **extra})
+
+
+@pytest.fixture(scope="module")
+def lora_run(ray_session, hh_path, tiny_llama, reference_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora")
+    return train(run_config(hh_path, tiny_llama, out, "lora", reference_cache, **_lora()))
+
+
+def test_lora_trains_only_adapters_saves_merges_and_scores(lora_run, hh_path, tiny_llama,
+                                                           reference_cache, tmp_path):
+    from dpo_ray.logps import collate_pairs, concatenated_forward
+    from dpo_ray.models import load_causal_lm
+    from dpo_ray.reference import cache_key, ensure_reference
+
+    whole = lora_run
     assert whole.metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # the guard passed
     # Only the adapter is stored: a few KiB, no copy of the base weights.
-    final = whole.final_model
+    final, merged_folder = whole.final_model, whole.run_dir / "final_model_merged"
     assert (final / "adapter_config.json").exists() and not (final / "model.safetensors").exists()
     adapter = load_file(final / "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
     assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at 0
     assert whole.metrics[-1]["model_state_mb"] < 0.5 * train_state_of_full_model(tiny_llama)
 
-    # Stopped after 2 steps and resumed: the same adapter as the uninterrupted run.
-    train(run_config(hh_path, tiny_llama, tmp_path, "lora-resumed", **{**lora, "max_steps": 2}))
-    resumed = train(run_config(hh_path, tiny_llama, tmp_path, "lora-resumed", resume=True, **lora))
-    assert_same_steps(resumed, whole)
-    again = load_file(resumed.final_model / "adapter_model.safetensors")
-    assert all(torch.allclose(adapter[k], again[k], atol=1e-5) for k in adapter)
-
     # The adapter folder loads as base + adapter, the same model as the merged folder.
     ids = torch.tensor([[1, 40, 50, 60, 70]])
+    merged = load_causal_lm(str(merged_folder))
     with torch.no_grad():
         adapted = load_causal_lm(str(final))(input_ids=ids).logits
-        merged = load_causal_lm(str(whole.run_dir / "final_model_merged"))(input_ids=ids).logits
         base = load_causal_lm(str(tiny_llama))(input_ids=ids).logits
-    assert torch.allclose(adapted, merged, atol=1e-5) and not torch.allclose(adapted, base, atol=1e-4)
+        assert torch.allclose(adapted, merged(input_ids=ids).logits, atol=1e-5)
+    assert not torch.allclose(adapted, base, atol=1e-4)
 
-    # ...and the reference actor pool scores with it (its cache key names adapter and base).
-    config = run_config(hh_path, tiny_llama, tmp_path, "unused", **STEPS)
-    scored = ensure_reference(config.data, ReferenceConfig(
-        model=str(final), cache_dir=str(tmp_path / "cache"), pool=Pool(num_cpus_per_actor=0.5)))
-    by_merged = ensure_reference(config.data, ReferenceConfig(
-        model=str(whole.run_dir / "final_model_merged"), cache_dir=str(tmp_path / "cache"),
-        pool=Pool(num_cpus_per_actor=0.5)))
-    assert scored.key != by_merged.key
-    a = scored.dataset.to_pandas().sort_values("pair_id")
-    b = by_merged.dataset.to_pandas().sort_values("pair_id")
-    assert a["ref_chosen_logps"].to_numpy() == pytest.approx(b["ref_chosen_logps"].to_numpy(), abs=1e-4)
+    # ...and the reference actor pool scores with it: its cache key names adapter and base (so it
+    # is not the merged folder's), and its values are the merged model's.
+    config = run_config(hh_path, tiny_llama, tmp_path, "unused", reference_cache, **STEPS)
+    scored = ensure_reference(config.data, replace(config.reference, model=str(final)))
+    assert scored.key != cache_key(config.data, replace(config.reference, model=str(merged_folder)))[0]
+    rows = scored.dataset.to_pandas()
+    batch = collate_pairs({k: rows[k].to_numpy() for k in ("chosen_input_ids", "rejected_input_ids",
+                                                           "prompt_length")}, pad_id=0)
+    with torch.no_grad():
+        direct = concatenated_forward(merged, batch["chosen_input_ids"], batch["chosen_attention_mask"],
+                                      batch["rejected_input_ids"], batch["rejected_attention_mask"],
+                                      batch["prompt_lengths"], pad_id=0)
+    assert rows["ref_chosen_logps"].to_numpy() == pytest.approx(direct["chosen_logps"].numpy(), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_a_lora_run_from_its_checkpoint(lora_run, hh_path, tiny_llama,
+                                                               reference_cache, tmp_path):
+    """A train worker killed after step 2: Ray Train restarts the worker group (max_failures=1),
+    which restores the adapter, Adam state, schedule and data position from the last checkpoint,
+    and the run ends as the uninterrupted one did."""
+    config = run_config(hh_path, tiny_llama, tmp_path, "fault", reference_cache,
+                        **_lora(max_failures=1, save_steps=1))
+    metrics = tmp_path / "runs" / "fault" / "metrics.jsonl"
+    killed = []
+
+    def kill_a_worker_after_step_2():
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            if metrics.exists() and any(json.loads(line)["step"] >= 2
+                                        for line in metrics.read_text().splitlines()):
+                for proc in own_ray_processes("RayTrainWorker")[:1]:
+                    proc.kill()
+                    killed.append(proc.pid)
+                    return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_a_worker_after_step_2, daemon=True)
+    watcher.start()
+    result = train(config)
+    watcher.join(timeout=5)
+    assert killed, "no train worker was killed"
+    assert_same_steps(result, lora_run)
+    state = torch.load(latest_checkpoint(result.run_dir) / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 4 and state["scheduler"]["last_epoch"] == 4
+    a = load_file(result.final_model / "adapter_model.safetensors")
+    b = load_file(lora_run.final_model / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in b)
 
 
 def train_state_of_full_model(model_folder) -> float:
@@ -117,8 +150,9 @@ def train_state_of_full_model(model_folder) -> float:
 
 
 def test_bfloat16_weights_pass_the_step0_guard_against_a_float32_cache(ray_session, hh_path,
-                                                                        tiny_llama, tmp_path):
-    result = train(run_config(hh_path, tiny_llama, tmp_path, "bf16", dtype="bfloat16",
+                                                                        tiny_llama, reference_cache,
+                                                                        tmp_path):
+    result = train(run_config(hh_path, tiny_llama, tmp_path, "bf16", reference_cache, dtype="bfloat16",
                               **{**STEPS, "max_steps": 2}))
     first = result.metrics[0]
     # Rounding moves log-probs off the float32 cache (the absolute check would fire)...

@@ -1,37 +1,23 @@
-"""DPO training through Ray Train TorchTrainer with 2 workers (real DDP over gloo)."""
+"""DPO training through Ray Train TorchTrainer with 2 workers (real DDP over gloo).
+
+Each TorchTrainer run costs ~25 s here however small, so each serves several assertions; most
+compare with the session's plain run (``reference_run`` in conftest.py).
+"""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from dpo_ray.config import DataConfig, Pool, ReferenceConfig, RunConfig, TrainConfig
 from dpo_ray.training import train
-from dpo_ray.training.trainer import latest_checkpoint
-
-
-def run_config(hh_path, model, tmp_path, name, pairs=16, **train_kw):
-    return RunConfig(
-        data=DataConfig(source=str(hh_path), tokenizer=str(model), limit=pairs, on_bad_row="skip",
-                        max_length=96, max_prompt_length=48),
-        reference=ReferenceConfig(model=str(model), cache_dir=str(tmp_path / "cache"),
-                                  pool=Pool(num_cpus_per_actor=0.5)),
-        train=TrainConfig(output_dir=str(tmp_path / "runs"), run_name=name, seed=0,
-                          **{"num_workers": 2, "cpus_per_worker": 1.0, **train_kw}),
-    )
-
-
-def weights(folder):
-    return {k: v for p in sorted(Path(folder).glob("*.safetensors")) for k, v in load_file(p).items()}
+from helpers import STEPS, assert_same_steps, assert_same_weights, run_config, weights
 
 
 @pytest.fixture(scope="module")
-def overfit(ray_session, hh_path, tiny_llama, tmp_path_factory):
+def overfit(ray_session, hh_path, tiny_llama, reference_cache, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("overfit")
-    config = run_config(hh_path, tiny_llama, tmp, "overfit", pairs=24, learning_rate=3e-3,
+    config = run_config(hh_path, tiny_llama, tmp, "overfit", reference_cache, pairs=24, learning_rate=3e-3,
                         per_device_train_batch_size=4, num_train_epochs=8, beta=0.1,
                         lr_scheduler_type="constant", save_steps=0, eval_fraction=0.25,
                         eval_steps=4)
@@ -86,24 +72,39 @@ def test_new_run_with_same_name_is_refused(overfit):
         train(config)
 
 
-def test_one_and_two_workers_same_global_batch_give_the_same_steps(ray_session, hh_path,
-                                                                    tiny_llama, tmp_path):
-    common = dict(pairs=16, max_steps=2, learning_rate=1e-3, lr_scheduler_type="constant")
-    one = train(run_config(hh_path, tiny_llama, tmp_path, "one", num_workers=1,
-                           per_device_train_batch_size=4, **common))
-    two = train(run_config(hh_path, tiny_llama, tmp_path, "two", num_workers=2,
-                           per_device_train_batch_size=2, **common))
-    for a, b in zip(one.metrics, two.metrics):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)  # same first gradients
+def test_one_worker_with_the_same_global_batch_gives_the_two_worker_run(reference_run, hh_path,
+                                                                          tiny_llama, reference_cache,
+                                                                          tmp_path):
+    one = train(run_config(hh_path, tiny_llama, tmp_path, "one", reference_cache,
+                           **{**STEPS, "num_workers": 1, "per_device_train_batch_size": 4}))
+    assert_same_steps(one, reference_run)  # same losses, first gradients and held-out losses
     assert one.metrics[1]["loss"] != pytest.approx(math.log(2), abs=1e-4)  # step 2 saw an update
-    w1, w2 = weights(one.final_model), weights(two.final_model)
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    assert_same_weights(one.final_model, reference_run.final_model)
+
+
+def test_gradient_checkpointing_and_windowed_logging_give_the_plain_run(reference_run, hh_path,
+                                                                         tiny_llama, reference_cache,
+                                                                         tmp_path):
+    """Recomputing activations changes no number. And as TRL logs them: with logging_steps=2,
+    step 2's record averages steps 1-2 (every step has the same number of pairs), not step 2's
+    batch alone."""
+    run = train(run_config(hh_path, tiny_llama, tmp_path, "gc", reference_cache,
+                           gradient_checkpointing=True, logging_steps=2, **STEPS))
+    assert [m["step"] for m in run.metrics] == [2, 4]
+    each = reference_run.metrics
+    for record, steps in zip(run.metrics, (each[0:2], each[2:4])):
+        for name in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
+            assert record[name] == pytest.approx(sum(m[name] for m in steps) / 2, abs=1e-5), name
+        assert record["max_abs_logratio"] == pytest.approx(max(m["max_abs_logratio"] for m in steps),
+                                                           abs=1e-5)
+        assert record["eval_loss"] == pytest.approx(steps[-1]["eval_loss"], abs=1e-5)
+    assert_same_weights(run.final_model, reference_run.final_model)
 
 
 def test_step0_guard_rejects_reference_values_from_another_computation(ray_session, hh_path,
-                                                                       tiny_llama, tmp_path):
-    config = run_config(hh_path, tiny_llama, tmp_path, "guard", max_steps=1,
+                                                                       tiny_llama, reference_cache,
+                                                                       tmp_path):
+    config = run_config(hh_path, tiny_llama, tmp_path, "guard", reference_cache, max_steps=1,
                         per_device_train_batch_size=2)
     # Same weights, other numerics: bfloat16 rounding is allowed for (relative check) but not at
     # this tolerance, so the guard fires and says which precisions met.
@@ -118,84 +119,12 @@ def test_step0_guard_rejects_reference_values_from_another_computation(ray_sessi
     assert isinstance(root_cause(failed.value), Step0GuardError)
 
 
-RESUME = dict(pairs=16, per_device_train_batch_size=2, num_train_epochs=2,
-              learning_rate=1e-3, lr_scheduler_type="constant", max_steps=6)  # 4 steps per epoch
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(ray_session, hh_path, tiny_llama, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("uninterrupted")
-    return train(run_config(hh_path, tiny_llama, tmp, "full", **RESUME))
-
-
-def assert_same_run(result, reference_run):
-    assert [m["step"] for m in result.metrics] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(result.metrics, reference_run.metrics):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["step"]
-    state = torch.load(latest_checkpoint(result.run_dir) / "trainer_state.pt", weights_only=False)
-    assert state["step"] == 6  # optimizer steps, and so pairs consumed (6 x global batch 4)
-    assert state["scheduler"]["last_epoch"] == 6
-    w, ref = weights(result.final_model), weights(reference_run.final_model)
-    assert all(torch.allclose(w[k], ref[k], atol=1e-6) for k in w)
-
-
-def test_logged_metrics_are_means_over_the_steps_since_the_last_log(uninterrupted, hh_path,
-                                                                    tiny_llama, tmp_path):
-    """As TRL logs them: with logging_steps=3, step 3's record averages steps 1-3 (every step has
-    the same number of pairs), not step 3's batch alone."""
-    logged = train(run_config(hh_path, tiny_llama, tmp_path, "every3", logging_steps=3, **RESUME))
-    assert [m["step"] for m in logged.metrics] == [3, 6]
-    each = uninterrupted.metrics
-    for record, steps in zip(logged.metrics, (each[0:3], each[3:6])):
-        for name in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
-            assert record[name] == pytest.approx(sum(m[name] for m in steps) / 3, abs=1e-6), name
-        assert record["max_abs_logratio"] == pytest.approx(max(m["max_abs_logratio"] for m in steps))
-
-
-def test_stop_and_resume_continues_mid_epoch_with_the_same_data(uninterrupted, hh_path,
-                                                                tiny_llama, tmp_path):
-    stopped = train(run_config(hh_path, tiny_llama, tmp_path, "part",
-                               **{**RESUME, "max_steps": 3}))  # stops mid-epoch 1
-    assert [m["step"] for m in stopped.metrics] == [1, 2, 3]
-    resumed = train(run_config(hh_path, tiny_llama, tmp_path, "part", resume=True, **RESUME))
-    assert_same_run(resumed, uninterrupted)
-
-
-def test_killed_worker_restarts_from_checkpoint_and_matches(uninterrupted, hh_path, tiny_llama,
-                                                            tmp_path):
-    import threading
-    import time
-
-    from helpers import own_ray_processes
-
-    config = run_config(hh_path, tiny_llama, tmp_path, "fault", max_failures=1, save_steps=1,
-                        **RESUME)
-    metrics = tmp_path / "runs" / "fault" / "metrics.jsonl"
-    killed = []
-
-    def kill_a_worker_at_step_3():
-        deadline = time.time() + 600
-        while time.time() < deadline and not killed:
-            if metrics.exists() and any(json.loads(l)["step"] >= 3 for l in metrics.read_text().splitlines()):
-                for proc in own_ray_processes("RayTrainWorker")[:1]:
-                    proc.kill()
-                    killed.append(proc.pid)
-                    return
-            time.sleep(0.2)
-
-    watcher = threading.Thread(target=kill_a_worker_at_step_3, daemon=True)
-    watcher.start()
-    result = train(config)
-    watcher.join(timeout=5)
-    assert killed, "no train worker was killed"
-    assert_same_run(result, uninterrupted)
-
-
+@pytest.mark.slow
 def test_smollm2_short_run_saves_a_model_that_reloads_and_generates(ray_session, hh_path, smollm2,
                                                                     tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = run_config(hh_path, smollm2, tmp_path, "smollm2", pairs=32, max_steps=2,
+    config = run_config(hh_path, smollm2, tmp_path, "smollm2", tmp_path / "cache", pairs=32, max_steps=2,
                         per_device_train_batch_size=4, learning_rate=1e-5)
     result = train(config)
     assert [m["step"] for m in result.metrics] == [1, 2]
