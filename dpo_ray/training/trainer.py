@@ -161,8 +161,12 @@ def train(config: RunConfig, source=None) -> TrainResult:
         (run_dir / "reference.json").write_text(json.dumps(
             {"key": reference.key, "path": reference.path, "rows": reference.rows}, indent=2))
         pairs, rows, reference_key, columns = reference.dataset, reference.rows, reference.key, TRAIN_COLUMNS
-    datasets = split_train_eval(pairs.select_columns(columns), t.eval_fraction)
-    if _materialize(t.materialize_datasets, rows, config.data.max_length):
+    pairs = pairs.select_columns(columns)
+    in_memory = _materialize(t.materialize_datasets, rows, config.data.max_length)
+    if in_memory:  # read once; both splits then filter blocks already in memory
+        pairs = pairs.materialize()
+    datasets = split_train_eval(pairs, t.eval_fraction)
+    if in_memory:
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
     train_pairs = datasets["train"].count() if t.eval_fraction > 0 else rows
     global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_workers
