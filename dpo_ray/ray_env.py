@@ -148,13 +148,13 @@ def check_resources(what: str, per_unit: dict[str, float], count: int, placement
         request_resources(bundles=[])
 
 
-def actor_pool_kwargs(pool, what: str, size: int | None = None) -> dict:
+def actor_pool_kwargs(pool, what: str) -> dict:
     """``Dataset.map_batches`` keyword arguments for an actor pool (a ``config.Pool``): its size
-    (``size`` fixes it, overriding min/max), CPUs/GPUs per actor and its placement. One place
-    decides how every pool is requested, and first checks that the cluster can hold it."""
+    (min/max actors), CPUs/GPUs per actor and its placement. One place decides how every pool is
+    requested, and first checks that the cluster can hold it."""
     from ray.data import ActorPoolStrategy
 
-    low, high = size or pool.min_actors, size or pool.max_actors
+    low, high = pool.min_actors, pool.max_actors
     # Ray would queue a pool no node can hold forever; fail (or wait for an autoscaler) instead.
     # (Every stage connects to Ray before it builds a pool; without a connection there is no
     # cluster to ask yet.)

@@ -64,7 +64,7 @@ def test_every_actor_pool_is_requested_from_its_stage_config():
     assert (kwargs["compute"].min_size, kwargs["compute"].max_size) == (1, 3)
     assert (kwargs["num_cpus"], kwargs["num_gpus"], kwargs["resources"]) == (2, 0, {"dpo_score": 1.0})
     assert actor_pool_kwargs(run.data.pool, "tokenizer")["compute"].max_size == 2
-    fixed = actor_pool_kwargs(Pool(min_actors=1, max_actors=4), "generation", size=2)["compute"]
+    fixed = actor_pool_kwargs(Pool(min_actors=2, max_actors=2), "generation")["compute"]
     assert (fixed.min_size, fixed.max_size) == (2, 2)
     evaluation = load_config(EvalConfig, overrides=[
         "prompts=p", "generation.pool.max_actors=4",
