@@ -1,7 +1,8 @@
 """``dpo-ray`` command line: one subcommand per stage (data, reference, train, eval) and the pipeline.
 
 Each takes ``--config run.yaml`` (the stage reads its own section, e.g. ``data:``) and
-``key=value`` overrides such as ``data.max_length=256``.
+``key=value`` overrides such as ``data.max_length=256``, or the same as TRL-style flags
+(``--beta 0.1``, ``--train.beta=0.1``). ``dpo-ray <command> --help`` lists every field.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import os
 import sys
 from dataclasses import asdict
 
-from dpo_ray.config import DataConfig, RunConfig, load_config, save_config
+from dpo_ray.cli_fields import FlagError, flags_to_overrides, help_text
+from dpo_ray.config import DataConfig, EvalConfig, RunConfig, load_config, save_config
 from dpo_ray.data.errors import BAD_ROW_REASONS, PreferenceDataError
 from dpo_ray.preflight import (
     USER_ERRORS, check_data_source, check_eval_paths, check_model_path, check_paths,
@@ -104,7 +106,6 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from dpo_ray.config import EvalConfig
     from dpo_ray.eval import evaluate
     from dpo_ray.ray_env import init_ray
 
@@ -130,12 +131,29 @@ def _pair_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
+# Which config each subcommand reads (class, YAML section): its --help lists these fields and its
+# --flags name them.
+CONFIGS = {"data": (DataConfig, "data"), "reference": (RunConfig, None), "train": (RunConfig, None),
+           "pipeline": (RunConfig, None), "eval": (EvalConfig, "eval")}
+# TRL DPOConfig / script names that mean a field here (see docs/trl.md).
+TRL_FLAGS = {"warmup_ratio": "train.warmup_ratio", "optim": "train.optim",
+             "precompute_ref_log_probs": "train.precompute_ref_log_probs",
+             "output_dir": "train.output_dir", "report_to": "train.report_to",
+             "dataset_train_split": "data.hf_split", "dataset_config": "data.hf_name"}
+
+
+def _add_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
+    cls, section = CONFIGS[name]
+    return sub.add_parser(name, help=help, description=help, epilog=help_text(cls, section),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _stage_parser(sub, name, help, config_help, model_help, overrides_help, run):
     """A subcommand that reads a whole RunConfig: --config, the shortcut flags, overrides."""
-    stage = sub.add_parser(name, help=help)
+    stage = _add_parser(sub, name, help)
     stage.add_argument("--config", help=config_help)
-    stage.add_argument("--data", help="shortcut for data.source")
-    stage.add_argument("--model", help=model_help)
+    stage.add_argument("--data", "--dataset_name", help="shortcut for data.source")
+    stage.add_argument("--model", "--model_name_or_path", help=model_help)
     stage.add_argument("--tokenizer", help="shortcut for data.tokenizer")
     stage.add_argument("overrides", nargs="*", help=overrides_help)
     stage.set_defaults(run=run)
@@ -147,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="read, validate and tokenize preference pairs; print the report")
+    data = _add_parser(sub, "data", "read, validate and tokenize preference pairs; print the report")
     data.add_argument("--config", help="YAML file with a `data:` section")
     data.add_argument("--data", help="shortcut for data.source (file, dir, glob, URI or hf://id)")
     data.add_argument("--tokenizer", help="shortcut for data.tokenizer (folder or hub id)")
@@ -172,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "shortcut for reference.model (policy starts from it)",
                   "key=value, e.g. train.max_steps=10 eval.limit=50", _pipeline)
 
-    ev = sub.add_parser("eval", help="win rate of policies against a baseline under judges")
+    ev = _add_parser(sub, "eval", "win rate of policies against a baseline under judges")
     ev.add_argument("--config", help="YAML file with an `eval:` section (docs/eval.md)")
     ev.add_argument("--prompts", help="shortcut for eval.prompts")
     ev.add_argument("--policy", action="append", help="a policy model or run dir (repeatable)")
@@ -209,8 +227,28 @@ def report_user_errors(call) -> int:
         return 2
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse, after the config flags (``--beta 0.1``) of the subcommand became overrides."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((i for i, a in enumerate(argv) if a in CONFIGS), None)
+    if command is None or "-h" in argv or "--help" in argv:
+        return parser.parse_args(argv)
+    cls, section = CONFIGS[argv[command]]
+    subparser = parser._subparsers._group_actions[0].choices[argv[command]]
+    try:
+        kept, overrides = flags_to_overrides(argv[command + 1:], cls, section,
+                                             set(subparser._option_string_actions),
+                                             TRL_FLAGS if cls is RunConfig else None)
+    except FlagError as err:
+        subparser.error(str(err))
+    args = parser.parse_args(argv[:command + 1] + kept)
+    args.overrides = list(args.overrides) + overrides  # flags after key=value args: flags win
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     return report_user_errors(lambda: args.run(args))
 
 

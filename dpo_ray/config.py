@@ -8,13 +8,17 @@ its outputs (``save_config``) so a result can always be traced to the settings t
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import math
 import os
+import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import AfterValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
+from pydantic_core import ArgsKwargs
 
 STRICT = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -39,8 +43,10 @@ class Placement:
     a node group advertises (``cluster.yaml`` gives ``dpo_train`` / ``dpo_score``), an accelerator
     type (``A100``, ``L4``...), or node labels. Empty = anywhere."""
 
+    # custom resources per actor/worker, e.g. {dpo_score: 1}
     resources: dict[str, float] = dataclasses.field(default_factory=dict)
-    accelerator_type: str | None = None
+    accelerator_type: str | None = None  # e.g. A100, L4 (Ray's accelerator_type); null = any
+    # node labels the node must carry, e.g. {ray.io/market-type: spot}
     label_selector: dict[str, str] = dataclasses.field(default_factory=dict)
     # With an autoscaler, how long to wait for nodes that can hold the request before giving up
     # (without one, a request no node can hold fails at once).
@@ -67,10 +73,10 @@ class Pool:
 
     # The pool starts with min_actors and grows to max_actors while batches are queued.
     min_actors: PositiveInt = 1
-    max_actors: PositiveInt = 1
+    max_actors: PositiveInt = 1  # upper bound of the autoscaling pool
     # GPUs per actor > 0 places actors on GPU nodes; a fraction shares one GPU between actors.
     num_cpus_per_actor: NonNegative = 1.0
-    num_gpus_per_actor: NonNegative = 0.0
+    num_gpus_per_actor: NonNegative = 0.0  # 0 = CPU only
     placement: Placement = dataclasses.field(default_factory=Placement)
 
     def __post_init__(self) -> None:
@@ -91,28 +97,32 @@ class DataConfig:
     source: str
     # Tokenizer: a local folder or hub id (usually the policy model's).
     tokenizer: ModelRef
+    # explicit (prompt/chosen/rejected), implicit (HH-style) or conversational (messages);
+    # auto detects it per row
     format: Format = "auto"
     # How files are parsed: by extension (auto; .jsonl/.json/.csv/.parquet in any case, .gz
     # allowed), or this format for every file, e.g. ``jsonl`` for a ``pairs.txt``.
     file_format: Literal["auto", "jsonl", "json", "csv", "parquet"] = "auto"
-    prompt_column: str = "prompt"
-    chosen_column: str = "chosen"
-    rejected_column: str = "rejected"
+    prompt_column: str = "prompt"  # column names of explicit / conversational rows
+    chosen_column: str = "chosen"  # a response, or a list of chat messages
+    rejected_column: str = "rejected"  # a response, or a list of chat messages
     # HH-RLHF style implicit prompts end at the last occurrence of this marker.
     assistant_marker: str = "\n\nAssistant:"
-    human_marker: str = "\n\nHuman:"
+    human_marker: str = "\n\nHuman:"  # a turn boundary of HH-style dialogues
     # prompt + response tokens; the original DPO repo uses 512 / 256.
     max_length: Annotated[int, Field(ge=2)] = 512
+    # prompt tokens kept (cut from the left, counted in the report); null = only max_length limits
     max_prompt_length: int | None = 256
+    # raise: stop at the first bad row, naming file, row and field; skip: drop, count and report
     on_bad_row: Literal["raise", "skip"] = "raise"
     # Only the first N rows of the source (after reading, before validation); None = all.
     limit: PositiveInt | None = None
     # Hugging Face hub options, used with ``source: hf://...`` only.
     hf_split: str = "train"
-    hf_name: str | None = None
-    hf_data_dir: str | None = None
-    hf_revision: str | None = None
-    trust_remote_code: bool = False
+    hf_name: str | None = None  # the dataset's config name
+    hf_data_dir: str | None = None  # a data_dir inside the dataset repo
+    hf_revision: str | None = None  # a commit, tag or branch
+    trust_remote_code: bool = False  # allow a hub dataset's or tokenizer's own code to run
     # Ray Data: rows per tokenizer call, and the tokenizer actors (each loads the tokenizer once).
     tokenize_batch_size: PositiveInt = 256
     pool: Pool = dataclasses.field(default_factory=Pool)
@@ -135,16 +145,17 @@ class ReferenceConfig:
 
     # A local Hugging Face folder or a hub id (safetensors weights only).
     model: ModelRef
-    revision: str | None = None
+    revision: str | None = None  # a hub commit, tag or branch (part of the cache key)
+    # precision the reference scores in (part of the cache key)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # allow a hub model's own code to run
     # Local path or filesystem URI (file://, s3://, gs://) every node can reach.
     cache_dir: str = "~/.cache/dpo_ray/reference"
     pool: Pool = dataclasses.field(default_factory=lambda: Pool(max_actors=2))
     # Pairs per actor call; inside a call pairs are sorted by length and run in micro-batches of
     # ``micro_batch_size`` pairs (2x sequences, chosen + rejected in one pass) to keep padding small.
     batch_size: PositiveInt = 64
-    micro_batch_size: PositiveInt = 8
+    micro_batch_size: PositiveInt = 8  # pairs per forward pass inside a call
 
 
 @dataclass(config=STRICT)
@@ -153,13 +164,68 @@ class LoraConfig:
     and checkpointed. The reference values are cached, so no frozen copy of the model is needed at
     all during training: base weights + adapters is the whole memory bill."""
 
-    r: PositiveInt = 16
+    r: PositiveInt = 16  # rank of the adapter matrices
     alpha: Positive = 32.0  # the update is scaled by alpha / r
     dropout: Fraction = 0.0  # kept as set: train.disable_dropout zeroes the base model's only (TRL zeroes both)
     # Module names to adapt, or "all-linear" (every linear layer but the LM head).
     target_modules: list[str] | str = "all-linear"
     # Also write final_model_merged/: base + adapter folded into one plain Hugging Face model.
     merge: bool = False
+
+
+Tracker = Literal["mlflow", "tensorboard", "wandb"]
+# TRL/transformers optimizer names that mean one of ours.
+_TRL_OPTIM = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw": "adamw", "rmsprop": "rmsprop"}
+# TRL DPOConfig fields refused here, and why (a TRL user's config fails with this, not a typo hint).
+_TRL_REFUSED = {
+    "push_to_hub": "not done by dpo_ray: upload <run_dir>/final_model with `hf upload`",
+    "max_prompt_length": "it is a data setting here: data.max_prompt_length",
+    "max_length": "it is a data setting here: data.max_length",
+    "use_logits_to_keep": "dpo_ray already computes logits on the positions a loss reads",
+}
+
+
+def trl_names(values: dict) -> dict:
+    """Accept TRL ``DPOConfig`` names where the meaning is ours: ``warmup_ratio`` (share of steps),
+    ``optim`` (adamw_torch / rmsprop), ``report_to: none|all|name``, and
+    ``precompute_ref_log_probs`` (always true here: a note says so). TRL names that mean
+    something else are refused with the reason."""
+    values = dict(values)
+    for name, why in _TRL_REFUSED.items():
+        if name in values and why:
+            raise ValueError(f"train.{name} (TRL's DPOConfig field): {why}")
+    if values.get("loss_type") == "ipo_length_normalized":
+        raise ValueError("train.loss_type=ipo_length_normalized is now called ipo (TRL's IPO: "
+                         "log-probs averaged over response tokens); the summed form is ipo_sum")
+    if "warmup_ratio" in values:
+        ratio = values.pop("warmup_ratio")
+        if values.get("warmup_steps"):
+            raise ValueError("train.warmup_ratio and train.warmup_steps are both set; set one")
+        if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+            raise ValueError(f"train.warmup_ratio must be a share in [0, 1), got {ratio!r}")
+        values["warmup_steps"] = float(ratio)
+    if "optim" in values:
+        optim = values.pop("optim")
+        if optim not in _TRL_OPTIM:
+            raise ValueError(f"train.optim={optim!r}: dpo_ray has {sorted(_TRL_OPTIM)} "
+                             "(train.optimizer: adamw or rmsprop)")
+        values["optimizer"] = _TRL_OPTIM[optim]
+    if "precompute_ref_log_probs" in values:
+        values.pop("precompute_ref_log_probs")
+        print("note: train.precompute_ref_log_probs is always on in dpo_ray: the reference stage "
+              "scores every pair once and caches it, and training never runs the reference model",
+              file=sys.stderr)
+    report_to = values.get("report_to")
+    if isinstance(report_to, str):
+        report_to = [report_to]
+    if isinstance(report_to, list) and {"none", "all"} & set(report_to):
+        # as in transformers: "none" = no tracking, "all" = every tracker whose package is installed
+        values["report_to"] = ([] if report_to == ["none"] else
+                               [t for t in get_args(Tracker) if importlib.util.find_spec(t)]
+                               if report_to == ["all"] else report_to)
+    elif report_to is not None:
+        values["report_to"] = report_to
+    return values
 
 
 @dataclass(config=STRICT)
@@ -174,26 +240,34 @@ class TrainConfig:
     # scalar-head model (AutoModelForSequenceClassification, 1 label) on the same pairs, with no
     # reference model at all (its rewards/* metrics are the head's scores).
     objective: Literal["dpo", "reward_model"] = "dpo"
+    # KL strength: larger keeps the policy closer to the reference (DPO paper: 0.1)
     beta: Positive = 0.1
-    loss_type: Literal["sigmoid", "robust", "hinge", "ipo", "ipo_length_normalized"] = "sigmoid"
+    # sigmoid (DPO), robust, hinge (SLiC), ipo (TRL's: log-probs averaged over response tokens),
+    # ipo_sum (the IPO paper's form on summed log-probs); formulas in dpo_ray/losses.py.
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo", "ipo_sum"] = "sigmoid"
+    # Label noise eps. With sigmoid this is cDPO (Mitchell 2023), as TRL 0.x did; TRL 1.x ignores
+    # label_smoothing for sigmoid. With robust: the robust DPO loss.
     label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
     rpo_alpha: NonNegative = 0.0  # weight of the SFT (NLL on chosen) term
-    optimizer: Literal["adamw", "rmsprop"] = "adamw"  # the DPO paper used RMSprop
-    learning_rate: Positive = 5e-7
-    weight_decay: NonNegative = 0.0
-    max_grad_norm: Positive = 1.0
-    warmup_steps: NonNegativeInt = 0
-    lr_scheduler_type: Literal["constant", "linear", "cosine"] = "linear"
-    num_train_epochs: PositiveInt = 1
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"  # the DPO paper used RMSprop; TRL's optim also accepted
+    learning_rate: Positive = 5e-7  # peak learning rate (after warmup)
+    weight_decay: NonNegative = 0.0  # decoupled weight decay (AdamW)
+    max_grad_norm: Positive = 1.0  # gradients are clipped to this global norm
+    # An int: steps of linear warmup. A float below 1: that share of the total steps (as in
+    # transformers 5 / TRL 1.x; warmup_ratio is accepted as its old name).
+    warmup_steps: NonNegativeInt | Annotated[float, Field(ge=0, lt=1)] = 0
+    # As in transformers: constant ignores warmup, constant_with_warmup does not.
+    lr_scheduler_type: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "linear"
+    num_train_epochs: PositiveInt = 1  # passes over the training pairs
     max_steps: int = -1  # > 0 stops after this many optimizer steps (at most num_train_epochs)
-    per_device_train_batch_size: PositiveInt = 8
-    gradient_accumulation_steps: PositiveInt = 1
-    seed: int = 0
+    per_device_train_batch_size: PositiveInt = 8  # pairs per worker per micro-batch
+    gradient_accumulation_steps: PositiveInt = 1  # micro-batches per optimizer step
+    seed: int = 0  # model init, shuffling and dropout
     # Precision of the policy's weights (and so of its gradients and Adam state). bfloat16 halves
     # them; bf16 is autocast on top of either. With weights or compute in bfloat16 while the
     # reference was scored in float32, the step-0 guard compares relative, not absolute, deviations.
     dtype: Literal["float32", "bfloat16"] = "float32"
-    bf16: bool = False
+    bf16: bool = False  # bfloat16 autocast of forward and backward
     # Passed to from_pretrained: "eager", "sdpa", "flash_attention_2"...; None = transformers' default.
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
@@ -205,25 +279,25 @@ class TrainConfig:
     # Held-out evaluation: this share of pairs (chosen by pair_id hash: stable and disjoint from
     # training) is scored every eval_steps (0 = at the end only) with its cached reference values.
     eval_fraction: Fraction = 0.0
-    eval_steps: NonNegativeInt = 0
-    per_device_eval_batch_size: PositiveInt = 8
+    eval_steps: NonNegativeInt = 0  # held-out evaluation every N steps (0 = at the end only)
+    per_device_eval_batch_size: PositiveInt = 8  # held-out pairs per worker per forward
     # Ray Train
     # The train/held-out splits held in Ray's object store for the run ("auto": when their upper
     # bound, pairs x 2 x max_length token ids, fits in a quarter of it), or streamed from the cache
     # every epoch and every evaluation (a re-read costs seconds however few the pairs).
     materialize_datasets: Literal["auto", "always", "never"] = "auto"
-    num_workers: PositiveInt = 2
-    use_gpu: bool = False
-    cpus_per_worker: NonNegative = 1.0
+    num_workers: PositiveInt = 2  # Ray Train workers (one process each; DDP or FSDP between them)
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: NonNegative = 1.0  # CPUs reserved per worker
     placement: Placement = dataclasses.field(default_factory=Placement)  # of the train workers
     max_failures: Annotated[int, Field(ge=-1)] = 0  # -1 = retry forever
     # Run directory: <output_dir>/<run_name>; a new name per run unless resuming explicitly.
     output_dir: str = "runs"
     run_name: str | None = None  # default: dpo-<timestamp>
     resume: bool = False  # continue the run named run_name from its latest checkpoint
-    logging_steps: PositiveInt = 1
+    logging_steps: PositiveInt = 1  # metrics.jsonl, console and trackers every N steps
     save_steps: NonNegativeInt = 0  # 0 = only at the end
-    save_total_limit: PositiveInt | None = 2
+    save_total_limit: PositiveInt | None = 2  # checkpoints kept (the latest N); null = all
     # Step-0 guard: when policy == reference weights, every |logp_policy - logp_ref| (nats) and,
     # for the sigmoid loss, |loss - ln 2| must be within this at the first step.
     step0_tolerance: Positive = 1e-3
@@ -231,22 +305,48 @@ class TrainConfig:
     # cache): the largest |logp_policy - logp_ref| / |logp_ref| allowed. bf16 rounding stays ~1%;
     # a wrong cache, model or tokenizer is off by far more.
     step0_rtol_low_precision: Positive = 0.05
+    # Experiment tracking from rank 0: metrics every logging step, the resolved config as params,
+    # metrics.png and the final model as artifacts (mlflow) - see docs/tracking.md.
+    report_to: list[Tracker] = dataclasses.field(default_factory=list)
+    # MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else a file store in <output_dir>/mlruns.
+    tracking_uri: str | None = None
+    project: str = "dpo_ray"  # MLflow experiment and W&B project
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trl_names(cls, values: Any) -> Any:
+        if isinstance(values, ArgsKwargs):  # a dataclass is validated from its __init__ arguments
+            return ArgsKwargs(values.args, trl_names(values.kwargs or {}))
+        return trl_names(values) if isinstance(values, dict) else values
+
+    def __post_init__(self) -> None:
+        if self.lr_scheduler_type == "constant" and self.warmup_steps:
+            raise ValueError("train.lr_scheduler_type=constant ignores warmup (as in transformers); "
+                             "use constant_with_warmup to warm up")
+
+    def num_warmup_steps(self, total_steps: int) -> int:
+        """``warmup_steps`` as a step count for a run of ``total_steps`` (a share is rounded up,
+        as transformers rounds ``warmup_ratio``)."""
+        if isinstance(self.warmup_steps, float):
+            return math.ceil(self.warmup_steps * total_steps)
+        return self.warmup_steps
 
 
 @dataclass(config=STRICT)
 class GenerationConfig:
     """Sampling on the generation actor pool (one model per actor, loaded once)."""
 
-    max_new_tokens: PositiveInt = 64
+    max_new_tokens: PositiveInt = 64  # a sample stops here or at EOS (reports count the ones cut)
     do_sample: bool = True  # False = greedy
     temperature: Positive = 1.0  # the KL estimate is exact only at 1.0 (samples from the model itself)
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0  # nucleus sampling; 1.0 = off
     num_samples: PositiveInt = 1  # samples per prompt
-    seed: int = 0
+    seed: int = 0  # sampling seed (each prompt draws from its own generator)
     # Text prompts become a user message in the tokenizer's chat template (when it has one);
     # false feeds the text as is (e.g. HH-style "\n\nHuman: ...\n\nAssistant:" prompts).
     chat_template: bool = True
     max_prompt_length: PositiveInt = 256  # prompt tokens kept (from the end)
+    # precision of the generation models
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: PositiveInt = 16  # prompts per actor call; sorted by length inside the call
     pool: Pool = dataclasses.field(default_factory=Pool)
@@ -259,13 +359,14 @@ class JudgeConfig:
     "first" | "second" | "tie". ``reward_model``: a sequence-classification folder (1 label).
     ``llm``: a causal LM asked the pairwise ``template``, in both orders."""
 
+    # function (a lexicon or your callable), reward_model or llm
     kind: Literal["function", "reward_model", "llm"]
-    name: str
+    name: str  # builtin name, module:callable, or a model folder / hub id
     label: str | None = None  # how reports call it; default: name
     # Score judges: |score_a - score_b| <= tie_margin is a tie.
     tie_margin: NonNegative = 0.0
     template: str | None = None  # llm judges; None = dpo_ray.eval.judges.PAIRWISE_TEMPLATE
-    batch_size: PositiveInt = 16
+    batch_size: PositiveInt = 16  # samples per judge call
     pool: Pool = dataclasses.field(default_factory=Pool)
 
 
@@ -290,11 +391,11 @@ class EvalConfig:
     limit: PositiveInt | None = None  # first N distinct prompts
     on_bad_row: Literal["raise", "skip"] = "raise"  # skip: counted in summary.json
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
-    output_dir: str = "evals"
+    output_dir: str = "evals"  # eval directories are made under here
     name: str | None = None  # default: eval-<timestamp>
-    confidence: Probability = 0.95
+    confidence: Probability = 0.95  # level of the bootstrap confidence intervals
     n_resamples: PositiveInt = 2000  # bootstrap resamples (prompts are resampled, samples stay together)
-    bootstrap_seed: int = 0
+    bootstrap_seed: int = 0  # seed of the bootstrap resampling
 
 
 @dataclass(config=STRICT)
@@ -386,7 +487,7 @@ def build_config(cls: type[C], tree: dict, origin: str = "no file", section: str
     except ValidationError as err:
         where = f"{section}." if section else ""
         problems = "; ".join(
-            f"{where}{'.'.join(str(p) for p in e['loc']) or '?'}: {e['msg']}"
+            f"{where}{'.'.join(str(p) for p in e['loc']) or '?'}: {e['msg'].removeprefix('Value error, ')}"
             + (f" (got {e['input']!r})" if e["type"] != "missing"
                and not isinstance(e.get("input"), (dict, list)) else "")
             for e in err.errors()

@@ -46,11 +46,11 @@ def hinge_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> to
 
 
 def ipo_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
-    """IPO (Azar et al. 2023), paper form on summed log-probs: (h - 1 / (2 * beta))^2.
+    """IPO (Azar et al. 2023, eq. 17): (h - 1 / (2 * beta))^2, beta being the paper's tau.
 
-    Here beta plays the role of the paper's tau. ``ipo_length_normalized`` is TRL's variant,
-    where ``preference_loss`` first divides each log-ratio by its response length.
-    Shapes: h (B,) -> (B,).
+    ``ipo`` is TRL's IPO: ``preference_loss`` first divides each log-ratio by its response's
+    token count, so h compares mean per-token log-ratios. ``ipo_sum`` takes h from summed
+    log-probs as they are. Shapes: h (B,) -> (B,).
     """
     return (h - 1 / (2 * beta)) ** 2
 
@@ -59,9 +59,11 @@ LOSSES = {
     "sigmoid": sigmoid_loss,
     "robust": robust_loss,
     "hinge": hinge_loss,
-    "ipo": ipo_loss,
-    "ipo_length_normalized": ipo_loss,  # same formula; h built from per-token log-ratios
+    "ipo": ipo_loss,  # TRL's: h built from per-token (length-normalized) log-ratios
+    "ipo_sum": ipo_loss,  # same formula on summed log-ratios
 }
+# Losses whose h is built from log-ratios divided by the response token count.
+LENGTH_NORMALIZED = {"ipo"}
 
 
 def preference_loss(
@@ -84,7 +86,7 @@ def preference_loss(
         loss_type: a key of ``LOSSES``.
         label_smoothing: eps for cDPO (``sigmoid``) and ``robust``.
         chosen_tokens, rejected_tokens: (B,) response token counts; needed for
-            ``ipo_length_normalized`` and for the SFT term.
+            ``ipo`` and for the SFT term.
         sft_weight: alpha of the RPO/SFT term, alpha * mean token NLL of the chosen response,
             -policy_chosen_logps / chosen_tokens (TRL's ``rpo_alpha``).
     Returns:
@@ -95,9 +97,9 @@ def preference_loss(
         raise ValueError(f"unknown loss_type {loss_type!r}; choose from {sorted(LOSSES)}")
     chosen_logratios = policy_chosen_logps - ref_chosen_logps  # (B,)
     rejected_logratios = policy_rejected_logps - ref_rejected_logps  # (B,)
-    if loss_type == "ipo_length_normalized":
+    if loss_type in LENGTH_NORMALIZED:
         if chosen_tokens is None or rejected_tokens is None:
-            raise ValueError("ipo_length_normalized needs chosen_tokens and rejected_tokens")
+            raise ValueError(f"{loss_type} needs chosen_tokens and rejected_tokens")
         chosen_logratios = chosen_logratios / chosen_tokens.clamp(min=1)
         rejected_logratios = rejected_logratios / rejected_tokens.clamp(min=1)
     h = chosen_logratios - rejected_logratios  # (B,)

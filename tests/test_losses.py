@@ -55,18 +55,40 @@ def test_hinge():
     assert float(big[0]) == 0.0  # h = 20, beta*h = 2 -> relu(-1) = 0
 
 
-def test_ipo_paper_form():
+def test_ipo_sum_is_the_paper_form_on_summed_logps():
     # (h - 1/(2 beta))^2 = (2 - 5)^2 = 9
-    assert loss_of("ipo")[0] == pytest.approx(9.0, abs=1e-5)
+    assert loss_of("ipo_sum")[0] == pytest.approx(9.0, abs=1e-5)
 
 
 def test_ipo_length_normalized():
     # chosen log-ratio 1 over 2 tokens = 0.5; rejected -1 over 4 tokens = -0.25; h = 0.75
     # (0.75 - 5)^2 = 18.0625
     kw = dict(chosen_tokens=torch.tensor([2]), rejected_tokens=torch.tensor([4]))
-    assert loss_of("ipo_length_normalized", **kw)[0] == pytest.approx(18.0625, abs=1e-5)
+    assert loss_of("ipo", **kw)[0] == pytest.approx(18.0625, abs=1e-5)
     with pytest.raises(ValueError, match="tokens"):
-        loss_of("ipo_length_normalized")
+        loss_of("ipo")
+
+
+def _trl_ipo(policy_c, policy_r, ref_c, ref_r, tokens_c, tokens_r, beta):
+    """TRL's DPOTrainer with loss_type="ipo", written out independently: its concatenated forward
+    divides each sequence's summed log-probs by its completion length (policy and reference
+    alike), then logits = (pi_c - pi_r) - (ref_c - ref_r) and loss = (logits - 1/(2 beta))^2."""
+    pi_c, pi_r = policy_c / tokens_c, policy_r / tokens_r
+    r_c, r_r = ref_c / tokens_c, ref_r / tokens_r
+    return ((pi_c - pi_r) - (r_c - r_r) - 1 / (2 * beta)) ** 2
+
+
+def test_ipo_matches_trl_definition_on_fixed_tensors():
+    torch.manual_seed(0)
+    policy_c, policy_r = -torch.rand(6) * 40, -torch.rand(6) * 40
+    ref_c, ref_r = -torch.rand(6) * 40, -torch.rand(6) * 40
+    tokens_c, tokens_r = torch.tensor([3, 7, 1, 12, 5, 9]), torch.tensor([4, 2, 8, 1, 6, 11])
+    ours = preference_loss(policy_c, policy_r, ref_c, ref_r, 0.3, "ipo",
+                           chosen_tokens=tokens_c, rejected_tokens=tokens_r)[0]
+    trl = _trl_ipo(policy_c, policy_r, ref_c, ref_r, tokens_c, tokens_r, 0.3)
+    torch.testing.assert_close(ours, trl)
+    summed = preference_loss(policy_c, policy_r, ref_c, ref_r, 0.3, "ipo_sum")[0]
+    assert not torch.allclose(summed, trl)  # the two names are different losses
 
 
 def test_sft_term_adds_weighted_chosen_nll():
@@ -124,7 +146,7 @@ def test_metrics_names_and_values():
 def test_unknown_loss_type_names_choices():
     with pytest.raises(ValueError, match="hinge"):
         loss_of("kto")
-    assert set(LOSSES) >= {"sigmoid", "robust", "hinge", "ipo", "ipo_length_normalized"}
+    assert set(LOSSES) >= {"sigmoid", "robust", "hinge", "ipo", "ipo_sum"}
 
 
 def test_reward_model_metrics_have_no_logps():

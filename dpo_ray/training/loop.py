@@ -266,8 +266,7 @@ def _optimizer(params, t):
 def _scheduler(optimizer, t, total_steps):
     from transformers import get_scheduler
 
-    name = "constant_with_warmup" if t.lr_scheduler_type == "constant" else t.lr_scheduler_type
-    return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps,
+    return get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=t.num_warmup_steps(total_steps),
                          num_training_steps=max(total_steps, 1))
 
 
