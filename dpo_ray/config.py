@@ -215,6 +215,12 @@ def trl_names(values: dict) -> dict:
         print("note: train.precompute_ref_log_probs is always on in dpo_ray: the reference stage "
               "scores every pair once and caches it, and training never runs the reference model",
               file=sys.stderr)
+    return report_to_names(values)
+
+
+def report_to_names(values: dict) -> dict:
+    """``report_to`` as transformers takes it: a name, a list, "none" or "all"."""
+    values = dict(values)
     report_to = values.get("report_to")
     if isinstance(report_to, str):
         report_to = [report_to]
@@ -377,7 +383,7 @@ class EvalConfig:
     # JSONL/Parquet/JSON/CSV rows with a ``prompt`` (text or chat messages), or preference rows
     # (the baseline ``chosen`` needs those); see docs/eval.md.
     prompts: str
-    judges: list[JudgeConfig]
+    judges: list[JudgeConfig]  # one win rate per (policy, judge)
     # Model folders, hub ids or run directories (their final_model/); in a pipeline run, empty
     # means the model just trained.
     policies: list[ModelRef] = dataclasses.field(default_factory=list)
@@ -396,6 +402,18 @@ class EvalConfig:
     confidence: Probability = 0.95  # level of the bootstrap confidence intervals
     n_resamples: PositiveInt = 2000  # bootstrap resamples (prompts are resampled, samples stay together)
     bootstrap_seed: int = 0  # seed of the bootstrap resampling
+    # Log the summary (win rates, CIs, KL) as metrics and the report as artifacts, in a run named
+    # after the eval directory (the pipeline logs into the training run instead); see train.report_to.
+    report_to: list[Tracker] = dataclasses.field(default_factory=list)
+    tracking_uri: str | None = None  # as train.tracking_uri
+    project: str = "dpo_ray"  # MLflow experiment and W&B project
+
+    @model_validator(mode="before")
+    @classmethod
+    def _report_to(cls, values: Any) -> Any:
+        if isinstance(values, ArgsKwargs):
+            return ArgsKwargs(values.args, report_to_names(values.kwargs or {}))
+        return report_to_names(values) if isinstance(values, dict) else values
 
 
 @dataclass(config=STRICT)

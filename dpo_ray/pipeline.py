@@ -37,6 +37,12 @@ def run_pipeline(config: RunConfig) -> dict:
                      output_dir=str(result.run_dir) if ev.output_dir == _DEFAULT_EVAL_DIR else ev.output_dir,
                      name=ev.name or "eval")
         evaluated = evaluate(ev)
+        if result.tracking is not None:  # the win rates join the training run's metrics
+            from dpo_ray.eval.winrate import track_eval
+            from dpo_ray.tracking import Tracker
+
+            last_step = result.metrics[-1]["step"] if result.metrics else 0
+            track_eval(Tracker(result.tracking), evaluated.summary, evaluated.eval_dir, last_step)
         summary["eval_dir"] = str(evaluated.eval_dir)
         summary["win_rates"] = [{k: r[k] for k in ("policy", "judge", "win_rate", "ci_low", "ci_high")}
                                 for r in evaluated.summary["results"]]

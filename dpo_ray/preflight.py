@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dpo_ray.data.errors import PreferenceDataError
 from dpo_ray.ray_env import ResourceUnavailable
+from dpo_ray.tracking import check_trackers
 
 
 # What the CLI prints as one ``error:`` line (exit 2) instead of a traceback.
@@ -90,8 +91,10 @@ def check_paths(config, source=None) -> None:
     if train.objective == "dpo":  # a reward model has no reference values to cache
         check_writable_dir(ref.cache_dir, "reference.cache_dir")
     check_writable_dir(train.output_dir, "train.output_dir")
+    check_trackers(train.report_to, "train.report_to")
     if config.eval is not None:
         check_writable_dir(config.eval.output_dir, "eval.output_dir")
+        check_trackers(config.eval.report_to, "eval.report_to")
 
 
 def check_eval_paths(config) -> None:
@@ -103,6 +106,7 @@ def check_eval_paths(config) -> None:
         check_model_path(config.baseline, "eval.baseline", need_config=False)
     if config.reference:
         check_model_path(config.reference, "eval.reference")
+    check_trackers(config.report_to, "eval.report_to")
     for judge in config.judges:
         if judge.kind != "function":
             check_model_path(judge.name, f"judge {judge.name!r}")

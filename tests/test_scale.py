@@ -37,12 +37,19 @@ def test_fsdp_run_stopped_mid_epoch_resumes_to_the_same_run(reference_run, hh_pa
                                                            reference_cache, tmp_path):
     """Stopped after step 1 of epoch 1 and resumed (train.resume) from its gathered checkpoint:
     the data position, weights, Adam state and schedule continue exactly."""
-    part = run_config(hh_path, tiny_llama, tmp_path, "fsdp", reference_cache,
+    part = run_config(hh_path, tiny_llama, tmp_path, "fsdp", reference_cache, report_to=["mlflow"],
                       parallel_strategy="fsdp", **{**STEPS, "max_steps": 1})
-    assert [m["step"] for m in train(part).metrics] == [1]
-    whole = run_config(hh_path, tiny_llama, tmp_path, "fsdp", reference_cache,
+    stopped = train(part)
+    assert [m["step"] for m in stopped.metrics] == [1]
+    whole = run_config(hh_path, tiny_llama, tmp_path, "fsdp", reference_cache, report_to=["mlflow"],
                        parallel_strategy="fsdp", resume=True, **STEPS)
     resumed = train(whole)
+    # One tracked run across both attempts, its loss curve complete.
+    from test_tracking import mlflow_client
+
+    client, run_id = mlflow_client(resumed)
+    assert run_id == mlflow_client(stopped)[1]
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
     # Step 1's record is the stopped run's, which ended there and so also evaluated there.
     first = resumed.metrics[0]
     assert "eval_loss" in first and first["loss"] == pytest.approx(reference_run.metrics[0]["loss"], abs=1e-5)

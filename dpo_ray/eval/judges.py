@@ -12,6 +12,7 @@ Two shapes of judge, one interface (``compare``):
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 from collections.abc import Callable
 
@@ -48,6 +49,20 @@ BUILTIN_FUNCTIONS: dict[str, Callable] = {
     "vader": _vader, "textblob": _textblob, "afinn": _afinn,
     "length": lambda: (lambda prompt, response: float(len(response))),
 }
+
+
+# The package behind each builtin lexicon, all in the [demo] extra.
+BUILTIN_PACKAGES = {"vader": "vaderSentiment", "textblob": "textblob", "afinn": "afinn"}
+
+
+def check_function_judges(judges) -> None:
+    """Before any actor starts: a builtin lexicon judge whose package is missing is a
+    ``ValueError`` that names the extra to install."""
+    for judge in judges:
+        package = BUILTIN_PACKAGES.get(judge.name) if judge.kind == "function" else None
+        if package and importlib.util.find_spec(package) is None:
+            raise ValueError(f"judge {judge.name!r} needs the {package} package: "
+                             "pip install 'dpo-ray[demo]'")
 
 
 def load_function(name: str) -> Callable:

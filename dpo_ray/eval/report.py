@@ -53,6 +53,23 @@ def plot_win_rates(results: list[dict], path: Path, title: str = "win rate vs ba
     plt.close(fig)
 
 
+def summary_metrics(summary: dict) -> dict[str, float]:
+    """The summary as flat tracker metrics: ``eval/<judge>/win_rate`` (and ci_low, ci_high, KL,
+    mean scores), with the policy folder's name inserted when several policies were judged."""
+    import re
+
+    several = len({r["policy"] for r in summary["results"]}) > 1
+    out = {}
+    for r in summary["results"]:
+        where = "/".join([Path(r["policy"]).name] * several + [r["judge"]])
+        where = re.sub(r"[^A-Za-z0-9_\-. /]", "_", where)  # the characters MLflow allows in a key
+        for key in ("win_rate", "ci_low", "ci_high", "kl_to_reference", "policy_mean_score",
+                    "baseline_mean_score", "policy_mean_tokens"):
+            if r.get(key) is not None:
+                out[f"eval/{where}/{key}"] = r[key]
+    return out
+
+
 def results_table(results: list[dict]) -> str:
     lines = ["| policy | judge | win rate | CI | W / T / L | policy / baseline tokens | KL (nats) |",
              "|---|---|---|---|---|---|---|"]

@@ -19,12 +19,13 @@ import numpy as np
 import pandas as pd
 import ray
 
-from dpo_ray.config import EvalConfig, JudgeConfig, local_dir, save_config
+from dpo_ray.config import EvalConfig, JudgeConfig, config_dict, local_dir, save_config
 from dpo_ray.eval import stats
 from dpo_ray.eval.generate import generate, score_samples
-from dpo_ray.eval.judges import build_judge
+from dpo_ray.eval.judges import build_judge, check_function_judges
 from dpo_ray.eval.prompts import load_prompts
 from dpo_ray.ray_env import actor_pool_kwargs
+from dpo_ray.tracking import Tracker, plan_tracking
 
 
 @dataclass
@@ -129,6 +130,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
         if not getattr(config, field):
             raise ValueError(f"eval.{field} is empty: name at least one (e.g. eval.{field}=[...] "
                              "or in the config file); `dpo-ray pipeline` fills eval.policies itself")
+    check_function_judges(config.judges)
     init_ray()
     name = config.name or time.strftime("eval-%Y%m%d-%H%M%S")
     out = local_dir(config.output_dir, "eval.output_dir") / name
@@ -182,7 +184,23 @@ def evaluate(config: EvalConfig) -> EvalResult:
 
     write_report(summary, judgments, out)
     print(f"eval report: {out / 'report.md'}", flush=True)
+    if config.report_to:
+        tracking = plan_tracking(config.report_to, out, out.name, config.project,
+                                 config.tracking_uri, out.parent)
+        track_eval(Tracker(tracking, config_dict(config)), summary, out)
     return EvalResult(out, summary, judgments, samples)
+
+
+def track_eval(tracker: Tracker, summary: dict, eval_dir: Path, step: int = 0) -> None:
+    """The summary's win rates as metrics, the report files as artifacts under ``eval/``; ends
+    the tracked run."""
+    from dpo_ray.eval.report import summary_metrics
+
+    tracker.log_metrics(summary_metrics(summary), step)
+    for name in ("summary.json", "report.md", "winrate.png"):
+        if (eval_dir / name).exists():
+            tracker.log_artifact(eval_dir / name)
+    tracker.close("FINISHED")
 
 
 def _mean(series: pd.Series) -> float | None:

@@ -197,9 +197,11 @@ def run(config: SentimentConfig) -> Path:
     """The whole experiment; returns the report's path."""
     from dpo_ray.assets import smollm2_path
     from dpo_ray.eval import evaluate
+    from dpo_ray.eval.judges import check_function_judges
     from dpo_ray.ray_env import init_ray
     from dpo_ray.training import train
 
+    check_function_judges([config.train_judge, config.check_judge])  # the [demo] extra
     started = time.perf_counter()
     out = local_dir(config.output_dir, "output_dir") / time.strftime("sentiment-%Y%m%d-%H%M%S")
     out.mkdir(parents=True)

@@ -21,6 +21,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from dpo_ray.logps import collate_pairs, concatenate_pairs, concatenated_forward
 from dpo_ray.losses import preference_loss, reward_model_loss
+from dpo_ray.tracking import Tracker, TrackingPlan
 from dpo_ray.training import checkpoint, metrics
 from dpo_ray.training.policy import gradient_sync, load_policy, local_state_mb, parallelize
 
@@ -45,6 +46,7 @@ class WorkerPlan:
     shuffle_buffer: int  # rows, for iter_torch_batches' local shuffle
     has_eval: bool  # a held-out split exists (train.eval_fraction > 0)
     resume_from: str | None  # a checkpoint of the run being resumed (train.resume)
+    tracking: TrackingPlan | None = None  # train.report_to, resolved on the driver
 
 
 class RankPairCollate(NumpyBatchCollateFn):
@@ -118,6 +120,8 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     collate = RankPairCollate(rank, world, t.gradient_accumulation_steps, plan.pad_id)
     metrics_file = Path(plan.run_dir) / "metrics.jsonl"
+    # The run the driver opened (tracking.json); rank 0 adds every logged step to it.
+    tracker = Tracker(plan.tracking) if plan.tracking is not None and rank == 0 else None
     # Logged metrics are means over every pair since the last log (as TRL/HF Trainer log them):
     # with logging_steps > 1 a single 16-pair batch would swing rewards/accuracies by +-0.3.
     window, window_logratio, window_seconds = [0.0] * len(metrics.SUMS), 0.0, 0.0
@@ -208,8 +212,12 @@ def train_loop_per_worker(config: dict) -> None:
                     with metrics_file.open("a") as f:
                         f.write(json.dumps(logged) + "\n")
                     print(_progress(logged, total_steps), flush=True)
+                    if tracker is not None:
+                        tracker.log_metrics(logged, step)
                 _report(logged, save, rank, model, policy, optimizer, scheduler, step, plan)
             started = time.perf_counter()  # throughput counts training, not eval or checkpoints
+    if tracker is not None:
+        tracker.close()  # left open: the driver adds the final model and ends it
 
 
 def pair_losses(model, batch: dict, t, pad_id: int):

@@ -5,6 +5,7 @@
 
 Run directory ``<train.output_dir>/<train.run_name>`` holds ``config.yaml`` (resolved),
 ``reference.json`` (cache key and path), ``versions.json``, ``metrics.jsonl``, ``metrics.png``,
+``tracking.json`` and ``tensorboard/`` with ``train.report_to`` (see ``dpo_ray/tracking.py``),
 Ray Train's checkpoints under ``ray_train/`` and the final model in ``final_model/`` (a LoRA run: the adapter there, and with ``train.peft.merge`` the
 merged model in ``final_model_merged/``).
 A new run never resumes an old one: an existing run directory is an error unless
@@ -24,13 +25,14 @@ import ray.train
 from ray.data import DataContext
 from ray.train.torch import TorchTrainer
 
-from dpo_ray.config import RunConfig, local_dir, save_config
+from dpo_ray.config import RunConfig, config_dict, local_dir, save_config
 from dpo_ray.data import prepare_pairs, split_train_eval
 from dpo_ray.preflight import check_paths
 from dpo_ray.ray_env import check_resources
 from dpo_ray.reference import ensure_reference
 from dpo_ray.reference.cache import model_fingerprint
 from dpo_ray.training.checkpoint import STATE_FILE, STEP_FILE
+from dpo_ray.tracking import Tracker, TrackingPlan, plan_tracking
 from dpo_ray.training.loop import PAIR_TRAIN_COLUMNS, TRAIN_COLUMNS, WorkerPlan, train_loop_per_worker
 
 RAY_TRAIN_NAME = "ray_train"
@@ -42,6 +44,7 @@ class TrainResult:
     final_model: Path
     metrics: list[dict]
     reference_key: str | None  # None for a reward model (no reference)
+    tracking: TrackingPlan | None = None  # where train.report_to logged the run
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -147,6 +150,11 @@ def train(config: RunConfig, source=None) -> TrainResult:
                     t.num_workers, t.placement)
     run_dir = _run_dir(config)
     save_config(config, run_dir / "config.yaml")
+    # The tracked run is opened here, with the config as params; rank 0 logs into it by id.
+    tracking = plan_tracking(t.report_to, run_dir, run_dir.name, t.project, t.tracking_uri,
+                             local_dir(t.output_dir, "train.output_dir"))
+    if tracking is not None:
+        Tracker(tracking, config_dict(config)).close()
     (run_dir / "versions.json").write_text(json.dumps(_versions(), indent=2))
 
     policy = t.model or config.reference.model
@@ -195,6 +203,7 @@ def train(config: RunConfig, source=None) -> TrainResult:
         shuffle_buffer=max(global_batch * 4, 64),
         has_eval="eval" in datasets,
         resume_from=str(resume_from) if resume_from else None,  # Train V2: via the loop's config
+        tracking=tracking,
     )
     # Every worker iterates the whole dataset in the same order (see RankPairCollate in training/loop.py).
     ctx = DataContext.get_current()
@@ -216,7 +225,12 @@ def train(config: RunConfig, source=None) -> TrainResult:
         dataset_config=ray.train.DataConfig(datasets_to_split=[],
                                             execution_options=ctx.execution_options),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if tracking is not None:
+            Tracker(tracking).close("FAILED")
+        raise
     final = run_dir / "final_model"
     if final.exists():
         shutil.rmtree(final)
@@ -232,5 +246,11 @@ def train(config: RunConfig, source=None) -> TrainResult:
     metrics = read_metrics(run_dir)
     if metrics:
         plot_metrics(metrics, run_dir / "metrics.png")
+    if tracking is not None:
+        tracker = Tracker(tracking)
+        for artifact in (final, run_dir / "metrics.png", run_dir / "config.yaml"):
+            if artifact.exists():
+                tracker.log_artifact(artifact)
+        tracker.close("FINISHED")
     print(f"run directory: {run_dir}\nfinal model: {final}", flush=True)
-    return TrainResult(run_dir, final, metrics, reference_key)
+    return TrainResult(run_dir, final, metrics, reference_key, tracking)
