@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = _add_parser(sub, "data", "read, validate and tokenize preference pairs; print the report")
     data.add_argument("--config", help="YAML file with a `data:` section")
-    data.add_argument("--data", help="shortcut for data.source (file, dir, glob, URI or hf://id)")
+    data.add_argument("--data", help="shortcut for data.source (file, dir, glob, URI, or a hub "
+                      "dataset: owner/name or hf://owner/name)")
     data.add_argument("--tokenizer", help="shortcut for data.tokenizer (folder or hub id)")
     data.add_argument("--output", help="write pairs/ (Parquet), data_report.json, data_config.yaml here")
     data.add_argument("--show", type=int, default=0, help="print the first N pairs' ids and lengths")

@@ -93,7 +93,8 @@ class DataConfig:
     """
 
     # A file, directory, glob or filesystem URI (.jsonl/.jsonl.gz/.json/.parquet/.csv), or
-    # ``hf://<dataset id>`` for a Hugging Face hub dataset loaded with ``datasets.load_dataset``.
+    # ``hf://<dataset id>`` or a bare ``owner/name`` (when no local path has that name) for a
+    # Hugging Face hub dataset, loaded with ``datasets.load_dataset``.
     source: str
     # Tokenizer: a local folder or hub id (usually the policy model's).
     tokenizer: ModelRef
@@ -117,7 +118,7 @@ class DataConfig:
     on_bad_row: Literal["raise", "skip"] = "raise"
     # Only the first N rows of the source (after reading, before validation); None = all.
     limit: PositiveInt | None = None
-    # Hugging Face hub options, used with ``source: hf://...`` only.
+    # Hugging Face hub options, used with hub dataset sources only.
     hf_split: str = "train"
     hf_name: str | None = None  # the dataset's config name
     hf_data_dir: str | None = None  # a data_dir inside the dataset repo

@@ -72,9 +72,9 @@ def check_model_path(name: str, field: str, need_config: bool = True) -> None:
 
 
 def check_data_source(source, field: str, file_format: str = "auto") -> None:
-    if isinstance(source, str) and not source.startswith("hf://"):
-        from dpo_ray.data.sources import list_source
+    from dpo_ray.data.sources import hub_dataset_id, list_source
 
+    if isinstance(source, str) and hub_dataset_id(source) is None:
         list_source(source, file_format)
 
 

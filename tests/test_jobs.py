@@ -107,7 +107,7 @@ def _pipeline_config(tmp_path, hh_path, tiny_llama, source=None) -> Path:
                       "pool": {"num_cpus_per_actor": 0.5, "placement": placement}},
         "train": {"output_dir": str(tmp_path / "runs"), "run_name": "job", "num_workers": 2,
                   "cpus_per_worker": 0.5, "per_device_train_batch_size": 4, "max_steps": 3,
-                  "learning_rate": 1e-3, "eval_fraction": 0.25,
+                  "learning_rate": 1e-3, "eval_fraction": 0.25, "report_to": ["mlflow"],
                   "placement": {"resources": {"dpo_train": 1}}},
         "eval": {"prompts": str(source or hh_path), "held_out_fraction": 0.25, "limit": 6,
                  "on_bad_row": "skip", "reference": str(tiny_llama),
@@ -151,3 +151,14 @@ def test_two_jobs_on_a_real_head_node_one_succeeds_one_fails_with_its_reason(
     eval_summary = json.loads((Path(summary["eval_dir"]) / "summary.json").read_text())
     assert eval_summary["results"][0]["n"] == 6 and eval_summary["results"][0]["judge"] == "length"
     assert "pipeline finished" in logs
+    # train.report_to: one MLflow run (default store <output_dir>/mlruns) holds the training
+    # curve, the final model and the eval's win rates and report.
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow import MlflowClient
+
+    client = MlflowClient((tmp_path / "runs" / "mlruns").as_uri())
+    run = client.get_run(json.loads((run_dir / "tracking.json").read_text())["mlflow"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+    assert run.data.metrics["eval/length/win_rate"] == eval_summary["results"][0]["win_rate"]
+    assert {"final_model", "report.md"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert run.info.status == "FINISHED"

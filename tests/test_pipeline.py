@@ -205,3 +205,41 @@ def test_cli_data_writes_and_reports(ray_session, smollm2, tmp_path):
     typo = _cli(["data", "--data", str(src), "--tokenizer", str(smollm2), "data.max_lenght=3"],
                 ray_session)
     assert typo.returncode == 2 and "max_lenght" in typo.stderr
+
+
+def test_a_bare_hub_id_is_read_as_a_hub_dataset(ray_session, smollm2, tmp_path, monkeypatch):
+    """``Anthropic/hh-rlhf`` with no local path of that name goes to ``datasets.load_dataset``
+    (checked by the call, as there is no network here); a local folder of that name wins; a
+    missing ``*.jsonl`` stays a missing file."""
+    import datasets
+
+    from dpo_ray.data.errors import PreferenceDataError
+    from dpo_ray.preflight import check_data_source
+
+    calls = []
+
+    def load_dataset(path, **kwargs):
+        calls.append((path, kwargs["split"], kwargs["revision"]))
+        return datasets.Dataset.from_list(EXPLICIT)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.chdir(tmp_path)
+    hub = config("Anthropic/hh-rlhf", smollm2, hf_split="test", hf_revision="v1")
+    check_data_source(hub.source, "data.source")  # preflight lets a hub id through
+    pairs, report = prepare_pairs(hub)
+    assert calls == [("Anthropic/hh-rlhf", "test", "v1")] and report.pairs == 3
+    assert {row["source_file"] for row in pairs.take_all()} == {"hf://Anthropic/hh-rlhf:test"}
+    # A local folder of that name is read as files, and the hub is not asked.
+    (tmp_path / "Anthropic" / "hh-rlhf").mkdir(parents=True)
+    write_jsonl(tmp_path / "Anthropic" / "hh-rlhf" / "pairs.jsonl", EXPLICIT[:2])
+    assert prepare_pairs(hub)[1].pairs == 2 and len(calls) == 1
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_data_source("data/pairs.jsonl", "data.source")
+
+    def offline(path, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(PreferenceDataError, match=r"no local file or folder 'org/missing' exists, "
+                       r"so it was read as a hub id; datasets.load_dataset\('org/missing'"):
+        prepare_pairs(config("org/missing", smollm2))

@@ -19,7 +19,7 @@ import ray
 
 from dpo_ray.config import DataConfig, save_config
 from dpo_ray.data.errors import DUPLICATE_PAIR, NO_PAIRS_LEFT, NO_ROWS, PreferenceDataError
-from dpo_ray.data.sources import list_source, read_records
+from dpo_ray.data.sources import hub_dataset_id, list_source, read_records
 from dpo_ray.data.tokenize import PAIR_SCHEMA, PairTokenizer
 from dpo_ray.ray_env import actor_pool_kwargs, root_cause
 
@@ -158,7 +158,7 @@ def prepare_pairs(config: DataConfig, source=None) -> tuple[ray.data.Dataset, Da
     stats = _mark_duplicates(stats)
     report = _report(stats)
     read_from = config.source if source is None else source
-    if isinstance(read_from, str) and not read_from.startswith("hf://"):
+    if isinstance(read_from, str) and hub_dataset_id(read_from) is None:
         report.ignored_files = list_source(read_from, config.file_format)[1]
     report.check_balance()
     counts = ", ".join(f"{k}={v}" for k, v in sorted(report.skipped.items()))

@@ -26,6 +26,7 @@ import gzip
 import io
 import json
 import os
+import re
 import sys
 import zlib
 from typing import Iterable, Iterator
@@ -49,6 +50,8 @@ RECORD_SCHEMA = pa.schema(
 )
 FILE_FORMATS = ("jsonl", "json", "csv", "parquet")
 EXTENSIONS = ("jsonl", "jsonl.gz", "json", "json.gz", "parquet", "csv", "csv.gz")
+# "owner/name", as hub dataset ids are written (Anthropic/hh-rlhf, trl-lib/ultrafeedback_binarized).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _CHUNK = 1024  # rows per emitted block: small enough to stream, large enough to be cheap
 _GZIP_MAGIC = b"\x1f\x8b"
 # Decompression failures: a truncated stream (EOFError), bad bytes (zlib.error, BadGzipFile).
@@ -344,6 +347,32 @@ def _with_row_records(ds: ray.data.Dataset, name: str) -> ray.data.Dataset:
     return ds.map_batches(to_records, batch_format="pyarrow", batch_size=_CHUNK, zero_copy_batch=True)
 
 
+def hub_dataset_id(source: str) -> str | None:
+    """The Hugging Face hub id ``source`` names, else None: ``hf://owner/name``, or a bare
+    ``owner/name`` when no local file or folder of that name exists and it has no data file
+    extension (``data/pairs.jsonl`` that is missing stays a missing file)."""
+    if source.startswith("hf://"):
+        return source[len("hf://"):]
+    if (_HUB_ID.match(source) and not os.path.exists(os.path.expanduser(source))
+            and not source.lower().endswith(tuple(f".{ext}" for ext in EXTENSIONS))):
+        return source
+    return None
+
+
+def _load_hub_dataset(hub_id: str, source: str, config):
+    import datasets
+
+    try:
+        return datasets.load_dataset(
+            hub_id, name=config.hf_name, data_dir=config.hf_data_dir, split=config.hf_split,
+            revision=config.hf_revision, trust_remote_code=config.trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - the hub's many error types, one message that says what was tried
+        tried = ("" if source.startswith("hf://") else
+                 f"no local file or folder {source!r} exists, so it was read as a hub id; ")
+        raise PreferenceDataError(UNREADABLE_SOURCE, f"{tried}datasets.load_dataset({hub_id!r}, "
+                                  f"split={config.hf_split!r}) failed: {err}", source) from None
+
+
 def read_records(source, config) -> ray.data.Dataset:
     """Any supported source -> a Ray Dataset with ``RECORD_SCHEMA`` (lazy; nothing runs yet).
 
@@ -357,15 +386,9 @@ def read_records(source, config) -> ray.data.Dataset:
         ds = _with_row_records(ray.data.from_pandas(frame), "<DataFrame>")
     elif type(source).__module__.startswith("datasets"):
         ds = _from_hf(source, f"hf://{getattr(source, 'info', None) and source.info.dataset_name}")
-    elif isinstance(source, str) and source.startswith("hf://"):
-        import datasets
-
-        hub_id = source[len("hf://"):]
-        hf = datasets.load_dataset(
-            hub_id, name=config.hf_name, data_dir=config.hf_data_dir, split=config.hf_split,
-            revision=config.hf_revision, trust_remote_code=config.trust_remote_code,
-        )
-        ds = _from_hf(hf, f"{source}:{config.hf_split}")
+    elif isinstance(source, str) and (hub_id := hub_dataset_id(source)) is not None:
+        hf = _load_hub_dataset(hub_id, source, config)
+        ds = _from_hf(hf, f"hf://{hub_id}:{config.hf_split}")
     elif isinstance(source, str):
         ds = ray.data.read_datasource(PreferenceFileDatasource(
             source_files(source, config.file_format), file_format_hint=config.file_format))

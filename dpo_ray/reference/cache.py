@@ -107,15 +107,15 @@ def tokenizer_fingerprint(name_or_path: str) -> dict:
 def data_fingerprint(source, data_config) -> dict:
     import pandas as pd
 
-    from dpo_ray.data.sources import source_files
+    from dpo_ray.data.sources import hub_dataset_id, source_files
 
     if isinstance(source, pd.DataFrame):
         rows = pd.util.hash_pandas_object(source.astype(str), index=False).to_numpy()
         return {"dataframe_sha256": hashlib.sha256(rows.tobytes()).hexdigest()}
     if type(source).__module__.startswith("datasets"):
         return {"hf_fingerprint": source._fingerprint}
-    if source.startswith("hf://"):
-        return {"hub_dataset": source}
+    if (hub_id := hub_dataset_id(source)) is not None:  # hf://owner/name and owner/name alike
+        return {"hub_dataset": f"hf://{hub_id}"}
     hashes = []
     for path in source_files(source, data_config.file_format):
         filesystem, inner = pafs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
