@@ -118,6 +118,11 @@ class DataConfig:
     on_bad_row: Literal["raise", "skip"] = "raise"
     # Only the first N rows of the source (after reading, before validation); None = all.
     limit: PositiveInt | None = None
+    # A separate held-out set (a file, folder, glob, URI or hub id, read with the settings above):
+    # training's eval_* metrics and pair accuracy are computed on all of it, instead of on a
+    # train.eval_fraction split of ``source``. Scored by the reference once, cached like source.
+    eval_source: str | None = None
+    eval_limit: PositiveInt | None = None  # first N rows of eval_source; None = all
     # Hugging Face hub options, used with hub dataset sources only.
     hf_split: str = "train"
     hf_name: str | None = None  # the dataset's config name
@@ -127,6 +132,13 @@ class DataConfig:
     # Ray Data: rows per tokenizer call, and the tokenizer actors (each loads the tokenizer once).
     tokenize_batch_size: PositiveInt = 256
     pool: Pool = dataclasses.field(default_factory=Pool)
+
+    def held_out(self) -> DataConfig | None:
+        """The config that reads ``eval_source`` (None without one)."""
+        if self.eval_source is None:
+            return None
+        return dataclasses.replace(self, source=self.eval_source, limit=self.eval_limit,
+                                   eval_source=None, eval_limit=None)
 
     def __post_init__(self) -> None:
         if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
@@ -425,6 +437,15 @@ class RunConfig:
     reference: ReferenceConfig
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig | None = None  # used by `dpo-ray pipeline` after training
+
+    def __post_init__(self) -> None:
+        if self.data.eval_source is not None and self.train.eval_fraction > 0:
+            raise ValueError("data.eval_source and train.eval_fraction both choose the held-out "
+                             "pairs; set one")
+
+    @property
+    def has_held_out(self) -> bool:
+        return self.data.eval_source is not None or self.train.eval_fraction > 0
 
 
 C = TypeVar("C")

@@ -29,7 +29,7 @@ def run_pipeline(config: RunConfig) -> dict:
                      "reference_key": result.reference_key}
     if result.reference_key:
         summary["reference_cache"] = json.loads((result.run_dir / "reference.json").read_text())["path"]
-    if config.train.eval_fraction > 0:
+    if config.has_held_out:
         summary["pair_accuracy"] = pair_accuracy(result.run_dir)
     if config.eval is not None:
         ev = config.eval

@@ -84,6 +84,8 @@ def check_paths(config, source=None) -> None:
     data, ref, train = config.data, config.reference, config.train
     if source is None:
         check_data_source(data.source, "data.source", data.file_format)
+    if data.eval_source is not None:
+        check_data_source(data.eval_source, "data.eval_source", data.file_format)
     check_model_path(data.tokenizer, "data.tokenizer", need_config=False)
     check_model_path(ref.model, "reference.model")
     if train.model:

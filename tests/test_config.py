@@ -90,3 +90,18 @@ def test_home_in_model_and_tokenizer_paths_is_expanded_as_the_shipped_configs_us
     assert config.eval.baseline == "chosen"  # keywords are left alone
     assert load_config(RunConfig, overrides=["data.source=x", "data.tokenizer=org/model",
                                              "reference.model=~/m"]).data.tokenizer == "org/model"
+
+
+def test_eval_source_and_eval_fraction_are_one_choice():
+    from dpo_ray.config import ReferenceConfig, RunConfig, TrainConfig
+
+    data = DataConfig(source="train.jsonl", tokenizer="t", limit=100, eval_source="Org/held-out",
+                      eval_limit=50)
+    held = data.held_out()
+    assert (held.source, held.limit, held.eval_source, held.max_length) == (
+        "Org/held-out", 50, None, data.max_length)
+    assert DataConfig(source="a", tokenizer="t").held_out() is None
+    run = RunConfig(data=data, reference=ReferenceConfig(model="m"))
+    assert run.has_held_out
+    with pytest.raises(ValueError, match="both choose the held-out pairs"):
+        RunConfig(data=data, reference=ReferenceConfig(model="m"), train=TrainConfig(eval_fraction=0.1))

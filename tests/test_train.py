@@ -16,11 +16,19 @@ from helpers import STEPS, assert_same_steps, assert_same_weights, run_config, w
 
 @pytest.fixture(scope="module")
 def overfit(ray_session, hh_path, tiny_llama, reference_cache, tmp_path_factory):
+    """24 HH pairs, held out: a separate file (data.eval_source) of 8 later HH lines plus one of
+    the training lines (which the run must report)."""
+    import dataclasses
+    import gzip
+
     tmp = tmp_path_factory.mktemp("overfit")
+    lines = gzip.open(hh_path, "rt").read().splitlines()
+    held_out = tmp / "held_out.jsonl"
+    held_out.write_text("\n".join(lines[100:108] + lines[:1]) + "\n")
     config = run_config(hh_path, tiny_llama, tmp, "overfit", reference_cache, pairs=24, learning_rate=3e-3,
                         per_device_train_batch_size=4, num_train_epochs=8, beta=0.1,
-                        lr_scheduler_type="constant", save_steps=0, eval_fraction=0.25,
-                        eval_steps=4)
+                        lr_scheduler_type="constant", save_steps=0, eval_steps=4)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, eval_source=str(held_out)))
     return config, train(config)
 
 
@@ -35,6 +43,8 @@ def test_two_worker_training_overfits_a_small_subset(overfit, tiny_llama):
     evaluated = [m for m in metrics if "eval_loss" in m]
     assert [m["step"] for m in evaluated] == list(range(4, len(metrics) + 1, 4))
     assert evaluated[0]["eval_rewards/chosen"] != 0  # held-out pairs scored on cached values
+    assert json.loads((result.run_dir / "held_out.json").read_text()) == {
+        "eval_source": config.data.eval_source, "pairs": 9, "also_training_pairs": 1}
     before, after = weights(tiny_llama), weights(result.final_model)
     assert any(not torch.equal(before[k], after[k]) for k in after)
     for name in ("config.yaml", "reference.json", "versions.json", "metrics.jsonl", "metrics.png"):
@@ -152,4 +162,4 @@ def test_held_out_implicit_reward_accuracy_of_the_checkpoint_matches_the_loop(ov
     assert got["accuracy"] == pytest.approx(last["eval_rewards/accuracies"], abs=1e-9)
     assert got["ci_low"] <= got["accuracy"] <= got["ci_high"]
     assert got["mean_margin"] == pytest.approx(last["eval_rewards/margins"], rel=1e-3, abs=1e-5)
-    assert json.loads((result.run_dir / "pair_accuracy.json").read_text())["n"] == got["n"]
+    assert json.loads((result.run_dir / "pair_accuracy.json").read_text())["n"] == got["n"] == 9

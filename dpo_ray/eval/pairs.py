@@ -5,8 +5,8 @@
   rejected; the reference side comes from the run's reference cache (no reference forward pass),
   the policy side from the same actor pool and ``sequence_logps`` that computed the cache.
 
-The held-out split is the run's own (``train.eval_fraction``, by pair_id hash): pairs the run never
-trained on.
+The held-out pairs are the run's own: ``data.eval_source``, or the ``train.eval_fraction`` split
+by pair_id hash: pairs the run never trained on.
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ def pair_accuracy(run_dir: str | Path, model: str | None = None, actors: int = 1
         raise FileNotFoundError(f"{run_dir} is not a training run directory (no config.yaml)")
     config = load_config(RunConfig, run_dir / "config.yaml")
     t = config.train
-    if t.eval_fraction <= 0:
-        raise ValueError(f"{run_dir}: train.eval_fraction is 0, the run has no held-out pairs")
+    if not config.has_held_out:
+        raise ValueError(f"{run_dir}: the run has no held-out pairs (train.eval_fraction is 0 and "
+                         "data.eval_source is not set)")
+    held_out = config.data.held_out()
     if actors < 1:
         raise ValueError(f"--actors must be at least 1, got {actors}")
     model = model or str(run_dir / "final_model")
@@ -61,8 +63,10 @@ def pair_accuracy(run_dir: str | Path, model: str | None = None, actors: int = 1
     if t.objective == "reward_model":
         from dpo_ray.data import prepare_pairs
 
-        pairs, _ = prepare_pairs(config.data)
-        held = split_train_eval(pairs, t.eval_fraction)["eval"]
+        if held_out is not None:
+            held = prepare_pairs(held_out)[0]
+        else:
+            held = split_train_eval(prepare_pairs(config.data)[0], t.eval_fraction)["eval"]
         scored = held.select_columns(["pair_id", "chosen_input_ids", "rejected_input_ids"]).map_batches(
             _PairScorer, fn_constructor_args=(model, config.reference.micro_batch_size),
             batch_format="pyarrow", batch_size=config.reference.batch_size,
@@ -72,8 +76,11 @@ def pair_accuracy(run_dir: str | Path, model: str | None = None, actors: int = 1
         from dpo_ray.reference import ensure_reference
         from dpo_ray.reference.scorer import REFERENCE_COLUMNS, score_pairs
 
-        reference = ensure_reference(config.data, config.reference)  # a cache hit after training
-        held = split_train_eval(reference.dataset, t.eval_fraction)["eval"]
+        if held_out is not None:  # a cache hit after training, as below
+            held = ensure_reference(held_out, config.reference).dataset
+        else:
+            reference = ensure_reference(config.data, config.reference)  # a cache hit after training
+            held = split_train_eval(reference.dataset, t.eval_fraction)["eval"]
         held = held.rename_columns({"ref_chosen_logps": "cached_ref_chosen_logps",
                                     "ref_rejected_logps": "cached_ref_rejected_logps"})
         held = held.drop_columns([c for c in REFERENCE_COLUMNS if c.endswith("_tokens")])

@@ -127,6 +127,18 @@ def _materialize(setting: str, rows: int, max_length: int) -> bool:
     return upper_bound <= ray.cluster_resources().get("object_store_memory", 0) / 4
 
 
+def _report_overlap(datasets: dict, eval_source: str, run_dir: Path) -> None:
+    """A held-out pair that is also a training pair (same pair_id: same prompt and responses)
+    makes the eval_* metrics optimistic: say how many, before training, and in held_out.json."""
+    ids = {name: set(ds.select_columns(["pair_id"]).to_pandas()["pair_id"]) for name, ds in datasets.items()}
+    both = ids["train"] & ids["eval"]
+    (run_dir / "held_out.json").write_text(json.dumps(
+        {"eval_source": eval_source, "pairs": len(ids["eval"]), "also_training_pairs": len(both)}))
+    print(f"data.eval_source: {len(ids['eval'])} held-out pairs"
+          + (f"; warning: {len(both)} of them are also training pairs" if both else
+             ", none of them in the training pairs"), flush=True)
+
+
 def _write_merged(adapter: Path, out: Path, tokenizer: str) -> None:
     """Base + LoRA adapter folded into one plain Hugging Face model (no peft needed to load it)."""
     from transformers import AutoTokenizer
@@ -160,20 +172,29 @@ def train(config: RunConfig, source=None) -> TrainResult:
     policy = t.model or config.reference.model
     if Path(policy).expanduser().is_dir():  # a LoRA adapter records its base by this path
         policy = str(Path(policy).expanduser().absolute())
+    held_out, held = config.data.held_out(), None  # data.eval_source: its own pairs, own cache entry
     if t.objective == "reward_model":  # Bradley-Terry on the pairs themselves: no reference
         pairs, report = prepare_pairs(config.data, source)
         print(report.summary(), flush=True)
         rows, reference_key, columns = report.pairs, None, PAIR_TRAIN_COLUMNS
+        if held_out is not None:
+            held = prepare_pairs(held_out)[0]
     else:
         reference = ensure_reference(config.data, config.reference, source)
         (run_dir / "reference.json").write_text(json.dumps(
             {"key": reference.key, "path": reference.path, "rows": reference.rows}, indent=2))
         pairs, rows, reference_key, columns = reference.dataset, reference.rows, reference.key, TRAIN_COLUMNS
+        if held_out is not None:
+            held = ensure_reference(held_out, config.reference).dataset
     pairs = pairs.select_columns(columns)
     in_memory = _materialize(t.materialize_datasets, rows, config.data.max_length)
     if in_memory:  # read once; both splits then filter blocks already in memory
         pairs = pairs.materialize()
-    datasets = split_train_eval(pairs, t.eval_fraction)
+    if held is None:
+        datasets = split_train_eval(pairs, t.eval_fraction)
+    else:
+        datasets = {"train": pairs, "eval": held.select_columns(columns)}
+        _report_overlap(datasets, config.data.eval_source, run_dir)
     if in_memory:
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
     train_pairs = datasets["train"].count() if t.eval_fraction > 0 else rows
