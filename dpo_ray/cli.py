@@ -14,6 +14,7 @@ import sys
 from dataclasses import asdict
 
 from dpo_ray.cli_fields import FlagError, flags_to_overrides, help_text
+from dpo_ray.console import VERBOSE_ENV
 from dpo_ray.config import DataConfig, EvalConfig, RunConfig, load_config, save_config
 from dpo_ray.data.errors import BAD_ROW_REASONS, PreferenceDataError
 from dpo_ray.preflight import (
@@ -163,6 +164,8 @@ def _stage_parser(sub, name, help, config_help, model_help, overrides_help, run)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo-ray", description=__doc__.splitlines()[0])
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own logs and every worker's output (DPO_RAY_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = _add_parser(sub, "data", "read, validate and tokenize preference pairs; print the report")
@@ -250,6 +253,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
     return report_user_errors(lambda: args.run(args))
 
 

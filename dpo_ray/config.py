@@ -32,9 +32,18 @@ Fraction = Annotated[float, Field(ge=0, lt=1)]  # a share of the pairs, 1 exclud
 Probability = Annotated[float, Field(gt=0, lt=1)]
 
 Format = Literal["auto", "explicit", "implicit", "conversational"]
-# A model or tokenizer: a hub id or a folder. "~/..." is expanded here, once: transformers would
-# take it for a hub id (and fail with "Repo id must be in the form ...").
-ModelRef = Annotated[str, AfterValidator(lambda v: os.path.expanduser(v) if v.startswith("~") else v)]
+
+
+def _model_ref(value: str) -> str:
+    """A local folder becomes an absolute path here, once, on the machine where it was typed:
+    "~/..." would be taken for a hub id by transformers, and a relative "models/x" would be looked
+    up from the working directory of each Ray worker (not the user's) and then on the hub."""
+    path = os.path.expanduser(value)
+    return os.path.abspath(path) if os.path.isdir(path) else path
+
+
+# A model or tokenizer: a hub id or a folder.
+ModelRef = Annotated[str, AfterValidator(_model_ref)]
 
 
 @dataclass(config=STRICT)
@@ -112,8 +121,10 @@ class DataConfig:
     human_marker: str = "\n\nHuman:"  # a turn boundary of HH-style dialogues
     # prompt + response tokens; the original DPO repo uses 512 / 256.
     max_length: Annotated[int, Field(ge=2)] = 512
-    # prompt tokens kept (cut from the left, counted in the report); null = only max_length limits
-    max_prompt_length: int | None = 256
+    # Prompt tokens kept, cut from the left (the turn being answered survives; in chat prompts at
+    # a turn boundary when one fits); every cut is counted in the data report. auto = half of
+    # max_length (the DPO repo's 256 of 512); null = no prompt cut, only max_length limits.
+    max_prompt_length: PositiveInt | Literal["auto"] | None = "auto"
     # raise: stop at the first bad row, naming file, row and field; skip: drop, count and report
     on_bad_row: Literal["raise", "skip"] = "raise"
     # Only the first N rows of the source (after reading, before validation); None = all.
@@ -133,6 +144,11 @@ class DataConfig:
     tokenize_batch_size: PositiveInt = 256
     pool: Pool = dataclasses.field(default_factory=Pool)
 
+    @property
+    def prompt_limit(self) -> int | None:
+        """``max_prompt_length`` as a token count (None: no prompt cut)."""
+        return self.max_length // 2 if self.max_prompt_length == "auto" else self.max_prompt_length
+
     def held_out(self) -> DataConfig | None:
         """The config that reads ``eval_source`` (None without one)."""
         if self.eval_source is None:
@@ -141,7 +157,7 @@ class DataConfig:
                                    eval_source=None, eval_limit=None)
 
     def __post_init__(self) -> None:
-        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
+        if isinstance(self.max_prompt_length, int) and not 1 <= self.max_prompt_length < self.max_length:
             raise ValueError(
                 f"data.max_prompt_length must be in [1, max_length={self.max_length}), "
                 f"got {self.max_prompt_length}"
@@ -267,7 +283,9 @@ class TrainConfig:
     # Label noise eps. With sigmoid this is cDPO (Mitchell 2023), as TRL 0.x did; TRL 1.x ignores
     # label_smoothing for sigmoid. With robust: the robust DPO loss.
     label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
-    rpo_alpha: NonNegative = 0.0  # weight of the SFT (NLL on chosen) term
+    # Weight of the SFT term: TRL's token-mean NLL of the chosen responses, the mean taken over
+    # the global batch (so it does not depend on the number of workers).
+    rpo_alpha: NonNegative = 0.0
     optimizer: Literal["adamw", "rmsprop"] = "adamw"  # the DPO paper used RMSprop; TRL's optim also accepted
     learning_rate: Positive = 5e-7  # peak learning rate (after warmup)
     weight_decay: NonNegative = 0.0  # decoupled weight decay (AdamW)

@@ -77,6 +77,7 @@ def preference_loss(
     chosen_tokens: torch.Tensor | None = None,
     rejected_tokens: torch.Tensor | None = None,
     sft_weight: float = 0.0,
+    sft_mean_tokens: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair DPO-family loss and implicit rewards.
 
@@ -87,8 +88,12 @@ def preference_loss(
         label_smoothing: eps for cDPO (``sigmoid``) and ``robust``.
         chosen_tokens, rejected_tokens: (B,) response token counts; needed for
             ``ipo`` and for the SFT term.
-        sft_weight: alpha of the RPO/SFT term, alpha * mean token NLL of the chosen response,
-            -policy_chosen_logps / chosen_tokens (TRL's ``rpo_alpha``).
+        sft_weight: alpha of the RPO/SFT term (TRL's ``rpo_alpha``). Per pair:
+            alpha * (-policy_chosen_logps) / n, where n = ``sft_mean_tokens``, the mean chosen
+            response length over the batch (default: over these B pairs). The mean of the term
+            over the batch is then alpha * (sum of chosen token NLLs) / (number of chosen
+            tokens): TRL's token-mean NLL. The training loop passes the global batch's n, so
+            the term does not depend on how pairs are split over workers and micro-batches.
     Returns:
         losses (B,), chosen_rewards (B,), rejected_rewards (B,); rewards are detached:
         r = beta * (logp_pi - logp_ref).
@@ -105,9 +110,11 @@ def preference_loss(
     h = chosen_logratios - rejected_logratios  # (B,)
     losses = LOSSES[loss_type](h, beta, label_smoothing)
     if sft_weight:
-        if chosen_tokens is None:
-            raise ValueError("the SFT term needs chosen_tokens")
-        losses = losses + sft_weight * (-policy_chosen_logps / chosen_tokens.clamp(min=1))
+        if sft_mean_tokens is None:
+            if chosen_tokens is None:
+                raise ValueError("the SFT term needs chosen_tokens or sft_mean_tokens")
+            sft_mean_tokens = chosen_tokens.double().mean()
+        losses = losses + sft_weight * (-policy_chosen_logps / sft_mean_tokens)
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards

@@ -1,6 +1,10 @@
 """Connecting to Ray, and asking it for actors and workers it can place.
 
-- ``init_ray``: a cluster when an address is given, otherwise a local instance.
+- ``init_ray``: a cluster when an address is given, otherwise a local instance. Quiet unless
+  ``DPO_RAY_VERBOSE=1`` (``--verbose``): worker output is not forwarded to the console and Ray's
+  own INFO logs are not printed (both stay in Ray's session logs, whose folder ``ray_logs()``
+  names); our stages draw their own progress (``dpo_ray.console``). Errors still surface in full,
+  as exceptions.
 - ``check_resources``: a request that no node of the cluster can ever place (a GPU on a CPU-only
   cluster, more workers than CPUs, a custom resource no node has) fails at once and names the
   missing resource. Ray would otherwise queue it forever without a word. With an autoscaler the
@@ -16,10 +20,14 @@ stage is not.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+import warnings
 
 import ray
+
+from dpo_ray.console import verbose
 
 MIN_LOCAL_CPUS = 4
 _WAIT_REPORT_S = 30.0
@@ -33,11 +41,67 @@ def init_ray(address: str | None = None) -> None:
     """``ray.init`` once per process; ``address`` (or ``RAY_ADDRESS``) joins a cluster."""
     if ray.is_initialized():
         return
+    quiet = not verbose()
+    if quiet:
+        _quiet_driver()
+    # Worker output (every rank's prints, Ray Train's per-report lines, raylet warnings) stays in
+    # the session's log files: the driver shows progress itself.
+    options = {"log_to_driver": not quiet, "logging_level": logging.WARNING if quiet else logging.INFO}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **options)
     else:
-        ray.init(num_cpus=max(MIN_LOCAL_CPUS, os.cpu_count() or 1), include_dashboard=False)
+        ray.init(num_cpus=max(MIN_LOCAL_CPUS, os.cpu_count() or 1), include_dashboard=False, **options)
+    if quiet:
+        print(f"Ray's logs: {ray_logs()} (DPO_RAY_VERBOSE=1 shows them here)", flush=True)
+
+
+def ray_logs() -> str:
+    """The folder of this Ray session's log files (every worker's output)."""
+    try:
+        return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    except AttributeError:  # a driver of a remote cluster has no local session folder
+        return "the head node's /tmp/ray/session_latest/logs"
+
+
+def _quiet_driver() -> None:
+    """Ray Data's own progress bars and plan/INFO lines off (our stages draw theirs), and the
+    Python warnings Ray raises about its own API choices filtered out of the console."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    context.enable_auto_log_stats = False
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # It would say, once per process, that we turned Ray Data's bars off (ours replace them).
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"ray(\..*)?$")
+    _route_raylet_messages()
+
+
+def _route_raylet_messages() -> None:
+    """Messages the raylet pushes to the driver (worker-pool warnings, a worker killed for memory)
+    are printed on stdout by a Ray thread, with no setting to change that. Quiet, they go to
+    stderr, except Ray's "N worker processes have been started" warning: on a 2-core machine
+    every actor pool triggers it, and it asks nothing of the user (the session log keeps it)."""
+    from ray._private import worker as ray_worker
+
+    printer = ray_worker.print_to_stdstream
+    if getattr(printer, "routed_by_dpo_ray", False):
+        return
+
+    def routed(data, ignore_prefix):
+        if data.get("pid") == "raylet":
+            lines = [line for line in data["lines"] if "worker processes have been started" not in line]
+            if not lines:
+                return
+            data = {**data, "lines": lines, "is_err": True}
+        printer(data, ignore_prefix)
+
+    routed.routed_by_dpo_ray = True
+    ray_worker.print_to_stdstream = routed
 
 
 def root_cause(err: BaseException) -> BaseException:

@@ -105,3 +105,34 @@ def test_eval_source_and_eval_fraction_are_one_choice():
     assert run.has_held_out
     with pytest.raises(ValueError, match="both choose the held-out pairs"):
         RunConfig(data=data, reference=ReferenceConfig(model="m"), train=TrainConfig(eval_fraction=0.1))
+
+
+def test_a_relative_model_folder_is_made_absolute_where_it_was_typed(tmp_path, monkeypatch):
+    """Ray workers do not run in the user's working directory: "tiny" typed there must not reach
+    them as "tiny" (transformers would then ask the hub for a repo of that name)."""
+    from dpo_ray.config import ReferenceConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    assert ReferenceConfig(model="models/tiny").model == str(tmp_path / "models" / "tiny")
+    assert DataConfig(source="a", tokenizer="models/tiny").tokenizer == str(tmp_path / "models" / "tiny")
+    assert ReferenceConfig(model="HuggingFaceTB/SmolLM2-135M").model == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_the_main_job_yaml_lists_every_recipe_field():
+    """jobs/sentiment.yaml is the main job's whole knob set: a field added to SentimentConfig
+    (or to a config it holds) must appear there too."""
+    from pathlib import Path
+
+    import yaml
+
+    from dpo_ray.config import config_dict
+    from dpo_ray.recipes.sentiment import SentimentConfig
+
+    def keys(tree, prefix=""):
+        return {f"{prefix}{k}" for k in tree} | {
+            key for k, v in tree.items() if isinstance(v, dict) and v
+            for key in keys(v, f"{prefix}{k}.")}
+
+    listed = yaml.safe_load((Path(__file__).parents[1] / "jobs" / "sentiment.yaml").read_text())
+    assert keys(config_dict(SentimentConfig())) - keys(listed) == set()

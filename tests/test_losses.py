@@ -98,6 +98,26 @@ def test_sft_term_adds_weighted_chosen_nll():
     assert loss == pytest.approx(NEG_LOGSIG_POS + 2.5, abs=1e-6)
 
 
+def test_sft_term_is_trl_token_mean_nll_over_the_batch():
+    """rpo_alpha as TRL computes it: one token mean of the chosen NLL over the batch (TRL's
+    cross-entropy over the chosen half), not a mean of per-sequence means."""
+    nll = torch.tensor([10.0, 30.0, 4.0])  # summed chosen NLL per pair
+    tokens = torch.tensor([2, 10, 4])
+    zeros = torch.zeros(3)
+    with_sft = preference_loss(-nll, zeros, zeros, zeros, BETA, chosen_tokens=tokens,
+                               rejected_tokens=tokens, sft_weight=0.5)[0]
+    without = preference_loss(-nll, zeros, zeros, zeros, BETA)[0]
+    trl = 0.5 * nll.sum() / tokens.sum()  # CrossEntropyLoss(mean) over the 16 chosen tokens
+    torch.testing.assert_close((with_sft - without).mean(), trl.double(), check_dtype=False)
+    assert abs(float((nll / tokens).mean()) * 0.5 - float(trl)) > 0.1  # the other reading differs
+    # Split over workers, each pair's term uses the global batch's mean length: same total.
+    halves = [preference_loss(-nll[s], zeros[s], zeros[s], zeros[s], BETA, sft_weight=0.5,
+                              sft_mean_tokens=tokens.double().mean())[0]
+              - preference_loss(-nll[s], zeros[s], zeros[s], zeros[s], BETA)[0]
+              for s in (slice(0, 1), slice(1, 3))]
+    torch.testing.assert_close(torch.cat(halves).mean(), trl.double(), check_dtype=False)
+
+
 @pytest.mark.parametrize("loss_type", ["sigmoid", "robust"])
 def test_policy_equal_to_reference_gives_ln2_and_zero_rewards(loss_type):
     logps = torch.tensor([-5.0, -40.0, -0.5])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -25,11 +26,23 @@ def _main_module():
 
 
 def test_quick_main_job_runs_two_rounds_and_reports(ray_session, smollm2, tmp_path, capsys):
-    assert _main_module().main(["--size", "quick", f"output_dir={tmp_path}"]) == 0
+    # Its own reference cache: every round's values are computed here, whatever ~/.cache holds.
+    assert _main_module().main(["--size", "quick", f"output_dir={tmp_path}",
+                                f"reference_cache_dir={tmp_path / 'cache'}"]) == 0
     printed = capsys.readouterr().out
     (out,) = list(tmp_path.glob("sentiment-*"))
     assert f"report: {out / 'report.md'}" in printed
     assert "[7/7" in printed  # progress through every step
+    # A console a person can read: our stage lines and progress lines, not Ray's noise.
+    assert "TrainingReport(" not in printed and "worker processes have been started" not in printed
+    assert "(RayTrainWorker" not in printed
+    for line in ("[data] reading and tokenizing", "[reference] scoring", "[train] 2 workers",
+                 "sampling: 100%", "scoring (vader): 100%", "reference scoring: 100%",
+                 "training: 100%", "generating (final_model): 100%", "reference log-probs (KL): 100%",
+                 "judging (vader (trained on)): 100%", "judging (textblob (held-out judge)): 100%",
+                 "[train] done in"):
+        assert line in printed, f"{line!r} not in:\n{printed}"
+    assert re.search(r"^tokenizing: \d+ rows \[", printed, re.M)  # a count: files have no length
 
     summary = json.loads((out / "summary.json").read_text())
     rounds = summary["rounds"]

@@ -79,6 +79,23 @@ def test_truncation_cuts_prompt_left_keeping_bos_then_responses_right():
         truncate_pair([5, 6, 7], [8], max_length=3, max_prompt_length=None, bos_id=None)
 
 
+def test_a_chat_prompt_is_cut_at_a_turn_boundary_not_behind_an_orphaned_header(smollm2, tokenizer):
+    """SmolLM2's BOS is <|im_start|>, which also opens every turn: a cut keeps whole turns."""
+    messages = [{"role": "user", "content": "Tell me a long story about " + "dragons " * 30},
+                {"role": "assistant", "content": "Once upon a time " + "there was fire. " * 20},
+                {"role": "user", "content": "Shorter please."}]
+    row = tokenize(smollm2, [{"chosen": messages + [{"role": "assistant", "content": "Ok."}],
+                              "rejected": messages + [{"role": "assistant", "content": "No."}]}],
+                   max_length=128, max_prompt_length=40)[0]
+    assert row["prompt_truncated"]
+    text = tokenizer.decode(row["prompt_input_ids"])
+    assert text.startswith("<|im_start|>user\nShorter please.<|im_end|>"), text
+    assert text.endswith("<|im_start|>assistant\n")
+    # Not even the last turn fits: a plain left cut, with no header in front of it.
+    assert truncate_pair([1, 5, 6, 1, 7, 8, 9, 10], [2], 20, 3, 1)[0] == [8, 9, 10]
+    assert truncate_pair([1, 5, 6, 1, 7, 8], [2], 20, 3, 1)[0] == [1, 7, 8]
+
+
 def test_truncation_is_counted_per_side(smollm2):
     long_answer = " word" * 40
     row = tokenize(smollm2, [{"prompt": "x " * 30, "chosen": long_answer, "rejected": " short"}],

@@ -18,6 +18,7 @@ from pathlib import Path
 import ray
 
 from dpo_ray.config import DataConfig, save_config
+from dpo_ray.console import counted, progress, stage
 from dpo_ray.data.errors import DUPLICATE_PAIR, NO_PAIRS_LEFT, NO_ROWS, PreferenceDataError
 from dpo_ray.data.sources import hub_dataset_id, list_source, read_records
 from dpo_ray.data.tokenize import PAIR_SCHEMA, PairTokenizer
@@ -147,7 +148,9 @@ def prepare_pairs(config: DataConfig, source=None) -> tuple[ray.data.Dataset, Da
         batch_size=config.tokenize_batch_size,
         **actor_pool_kwargs(config.pool, "tokenizer"),
     )
-    tokenized = tokenized.materialize()
+    with stage("data", f"reading and tokenizing {source_name(config, source)}"), \
+            progress("tokenizing", config.limit, "rows") as bar:  # the row count is known once read
+        tokenized = counted(tokenized, bar).materialize()
     stats = tokenized.select_columns(
         ["pair_id", "source_file", "source_row", "format", "skip_reason", "skip_detail", "chosen_length",
          "rejected_length", "prompt_truncated", "chosen_truncated", "rejected_truncated"]

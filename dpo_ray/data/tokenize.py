@@ -25,7 +25,8 @@ Extraction (``extract_pair``) is pure Python on dicts, so each rule has a unit t
 3. EOS is appended once to each response: not again when the response already ends with it (a chat
    template that closes the turn with the EOS token, e.g. SmolLM2's ``<|im_end|>``).
 4. Truncation: first the prompt is cut from the *left* to ``max_prompt_length`` (keeping its end,
-   the turn being answered, and a leading BOS); then each response is cut from the *right* so that
+   the turn being answered, and a leading BOS; where BOS also opens every chat turn, the cut
+   falls on the earliest turn boundary that fits); then each response is cut from the *right* so that
    prompt + response <= ``max_length``. A cut response loses its EOS: it did not end there.
    A prompt that leaves no room for one response token is a bad row (``no_room_for_response``).
    Every cut is counted (``*_truncated`` columns) and reported.
@@ -270,9 +271,17 @@ def truncate_pair(prompt_ids: list[int], response_ids: list[int], max_length: in
     """
     prompt_cut = max_prompt_length is not None and len(prompt_ids) > max_prompt_length
     if prompt_cut:
-        keep_bos = bos_id is not None and prompt_ids[0] == bos_id
-        tail = prompt_ids[len(prompt_ids) - (max_prompt_length - int(keep_bos)):]
-        prompt_ids = ([bos_id] if keep_bos else []) + tail
+        # Where the BOS token also opens every chat turn (ChatML with <|im_start|> as BOS, as in
+        # SmolLM2), a BOS kept in front of a left cut would head a turn whose role was cut off:
+        # cut at the earliest turn that fits instead, or plainly when not even the last one does.
+        turns = [i for i, token in enumerate(prompt_ids) if token == bos_id and i > 0]
+        if turns:
+            fits = [i for i in turns if len(prompt_ids) - i <= max_prompt_length]
+            prompt_ids = prompt_ids[fits[0]:] if fits else prompt_ids[-max_prompt_length:]
+        else:
+            keep_bos = bos_id is not None and prompt_ids[0] == bos_id
+            tail = prompt_ids[len(prompt_ids) - (max_prompt_length - int(keep_bos)):]
+            prompt_ids = ([bos_id] if keep_bos else []) + tail
     room = max_length - len(prompt_ids)
     if room < 1:
         raise BadRow(NO_ROOM_FOR_RESPONSE, f"prompt has {len(prompt_ids)} tokens and max_length "
@@ -331,7 +340,7 @@ class PairTokenizer:
         for side, text in (("chosen", chosen_text), ("rejected", rejected_text)):
             response = _with_eos(self.tok(text, add_special_tokens=False)["input_ids"], self.eos_id)
             kept_prompt, response, prompt_cut, response_cut = truncate_pair(
-                prompt_ids, response, self.cfg.max_length, self.cfg.max_prompt_length, self.bos_id)
+                prompt_ids, response, self.cfg.max_length, self.cfg.prompt_limit, self.bos_id)
             out[f"{side}_input_ids"] = kept_prompt + response
             out[f"{side}_length"] = len(kept_prompt) + len(response)
             out[f"{side}_truncated"] = response_cut

@@ -20,6 +20,7 @@ import pandas as pd
 import ray
 
 from dpo_ray.config import EvalConfig, JudgeConfig, config_dict, local_dir, save_config
+from dpo_ray.console import counted, progress
 from dpo_ray.eval import stats
 from dpo_ray.eval.generate import generate, score_samples
 from dpo_ray.eval.judges import build_judge, check_function_judges
@@ -81,7 +82,9 @@ def run_judge(pairs: pd.DataFrame, config: JudgeConfig) -> pd.DataFrame:
                                      "baseline_response"]])
     judged = ds.repartition(target_num_rows_per_block=config.batch_size).map_batches(
         _JudgeActor, fn_constructor_args=(config,), batch_format="pandas", batch_size=config.batch_size,
-        **actor_pool_kwargs(config.pool, f"judge {judge_label(config)!r}")).to_pandas()
+        **actor_pool_kwargs(config.pool, f"judge {judge_label(config)!r}"))
+    with progress(f"judging ({judge_label(config)})", len(pairs), "pairs") as bar:
+        judged = counted(judged, bar).to_pandas()
     return pairs[["prompt_id", "sample_index"]].merge(judged, on=["prompt_id", "sample_index"],
                                                       how="left", validate="one_to_one")
 
@@ -93,10 +96,13 @@ def _samples(prompts: pd.DataFrame, model: str, config: EvalConfig, seed: int) -
     ds = ray.data.from_pandas(prompts[["prompt_id", "prompt_json"]])
     # One pool at a time: chained pools would each hold their CPUs, and Ray Data's per-operator
     # budget can then leave a multi-CPU actor unschedulable (a silent hang on a small machine).
-    samples = generate(ds, model, gen).materialize()
+    with progress(f"generating ({Path(model).name})", len(prompts) * gen.num_samples, "samples") as bar:
+        samples = counted(generate(ds, model, gen), bar).materialize()
     if config.reference and model != config.reference:
-        samples = score_samples(samples, config.reference, "ref_logp", gen)
-    frame = samples.to_pandas()
+        with progress("reference log-probs (KL)", samples.count(), "samples") as bar:
+            frame = counted(score_samples(samples, config.reference, "ref_logp", gen), bar).to_pandas()
+    else:
+        frame = samples.to_pandas()
     if "ref_logp" not in frame:
         frame["ref_logp"] = frame["logp"] if model == config.reference else np.nan
     return frame.sort_values(["prompt_id", "sample_index"]).reset_index(drop=True)

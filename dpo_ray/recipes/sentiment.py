@@ -70,6 +70,7 @@ class SentimentConfig:
     max_prompt_length: PositiveInt = 128
     reference_batch_size: PositiveInt = 32
     reference_pool: Pool = field(default_factory=lambda: Pool(num_cpus_per_actor=2.0))
+    reference_cache_dir: str = "~/.cache/dpo_ray/reference"  # shared with every other run
     output_dir: str = "runs/sentiment"
 
 
@@ -143,6 +144,7 @@ def sample_and_score(policy: str, prompts: list[list[dict]], config: SentimentCo
     """``samples_per_prompt`` samples per prompt from the pool, scored by the training judge."""
     import ray
 
+    from dpo_ray.console import counted, progress
     from dpo_ray.eval.generate import generate
     from dpo_ray.eval.prompts import prompt_id
     from dpo_ray.ray_env import actor_pool_kwargs
@@ -151,10 +153,13 @@ def sample_and_score(policy: str, prompts: list[list[dict]], config: SentimentCo
     frame = pd.DataFrame({"prompt_json": [json.dumps(p) for p in prompts],
                           "prompt_id": [prompt_id(p) for p in prompts]})
     gen = replace(config.generation, num_samples=config.samples_per_prompt, seed=seed)
-    samples = generate(ray.data.from_pandas(frame), policy, gen)
+    with progress("sampling", len(frame) * gen.num_samples, "samples") as bar:
+        samples = counted(generate(ray.data.from_pandas(frame), policy, gen), bar).materialize()
     scored = samples.map_batches(
         _ScoreSamples, fn_constructor_args=(judge,), batch_format="pandas",
-        batch_size=judge.batch_size, **actor_pool_kwargs(judge.pool, "training judge")).to_pandas()
+        batch_size=judge.batch_size, **actor_pool_kwargs(judge.pool, "training judge"))
+    with progress(f"scoring ({judge.name})", len(frame) * gen.num_samples, "samples") as bar:
+        scored = counted(scored, bar).to_pandas()
     return scored.merge(frame, on="prompt_id")
 
 
@@ -233,7 +238,7 @@ def run(config: SentimentConfig) -> Path:
             data=DataConfig(source=str(folder / "pairs.jsonl"), tokenizer=initial, format="conversational",
                             max_length=config.max_length, max_prompt_length=config.max_prompt_length),
             reference=ReferenceConfig(model=reference, batch_size=config.reference_batch_size,
-                                      pool=config.reference_pool),
+                                      pool=config.reference_pool, cache_dir=config.reference_cache_dir),
             train=replace(config.train, model=policy, output_dir=str(out), run_name=f"round_{r}/dpo"))
         result = train(run_config)
         last = result.metrics[-1]

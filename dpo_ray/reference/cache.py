@@ -49,7 +49,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-SCORING_VERSION = 1  # bump when scoring code changes the values it writes
+# Bump when scoring or tokenizing code changes the values it writes. 2: chat prompts cut at a
+# turn boundary (dpo_ray/data/tokenize.py rule 4).
+SCORING_VERSION = 2
 STALE_ATTEMPT_S = 6 * 3600  # an unreferenced attempt this old is a crashed run, not a running one
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 _TOKENIZATION_FIELDS = ("format", "file_format", "prompt_column", "chosen_column", "rejected_column",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import ray
 
+from dpo_ray.console import counted, progress, stage
 from dpo_ray.data import DataReport, prepare_pairs
 from dpo_ray.reference.cache import CacheCorrupt, ReferenceCache, cache_key, pair_ids_digest
 from dpo_ray.reference.scorer import ReferenceScorer, score_pairs
@@ -76,7 +77,10 @@ def ensure_reference(data_config, ref_config, source=None, scorer_cls=ReferenceS
         print(result.summary(), flush=True)
         return result
 
-    scored = score_pairs(pairs, ref_config, scorer_cls).materialize()
+    with stage("reference", f"scoring {report.pairs} pairs with {ref_config.model} "
+               f"({ref_config.pool.max_actors} actors at most)"):
+        with progress("reference scoring", report.pairs, "pairs") as bar:
+            scored = counted(score_pairs(pairs, ref_config, scorer_cls), bar).materialize()
     manifest = cache.commit(key, scored, inputs, expected_rows=report.pairs)
     dataset, _, _ = cache.load(key)  # hand on what was committed, verified, not the in-memory copy
     result = ReferenceResult(dataset, key, cache.entry(key), manifest["rows"], cache_hit=False,

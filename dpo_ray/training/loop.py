@@ -47,6 +47,9 @@ class WorkerPlan:
     has_eval: bool  # a held-out split exists (train.eval_fraction > 0)
     resume_from: str | None  # a checkpoint of the run being resumed (train.resume)
     tracking: TrackingPlan | None = None  # train.report_to, resolved on the driver
+    # With rpo_alpha: the mean chosen response length over the whole held-out split, so the
+    # eval loss's SFT term is one token mean over it, whatever the eval batch size.
+    eval_chosen_mean_tokens: float | None = None
 
 
 class RankPairCollate(NumpyBatchCollateFn):
@@ -73,6 +76,11 @@ class RankPairCollate(NumpyBatchCollateFn):
             return []
         micro = [chunk for chunk in np.array_split(rows, self.accumulation_steps) if len(chunk)]
         out = [collate_pairs({k: v[chunk] for k, v in batch.items()}, self.pad_id) for chunk in micro]
+        # The mean chosen response length over the whole global batch: the SFT term's (rpo_alpha)
+        # token mean is taken over the global batch, whatever the split into ranks.
+        mean_tokens = np.mean([len(ids) for ids in batch["chosen_input_ids"]] - batch["prompt_length"])
+        for micro_batch in out:
+            micro_batch["chosen_mean_tokens"] = torch.tensor(float(mean_tokens), dtype=torch.float64)
         # A checksum of the whole global batch, which every rank must agree on (see below).
         crc = zlib.crc32("".join(map(str, batch["pair_id"])).encode()) & 0x7FFFFFFF
         out[0]["global_batch_crc"] = torch.tensor(crc % (1 << 24))  # exact in float64 reductions
@@ -90,10 +98,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
-    steps_per_epoch = plan.train_pairs // global_batch  # drop_last: every rank gets full batches
-    total_steps = steps_per_epoch * t.num_train_epochs
-    if t.max_steps > 0:
-        total_steps = min(total_steps, t.max_steps)
+    steps_per_epoch, total_steps = count_steps(plan.train_pairs, t, world)
     torch.manual_seed(t.seed)
 
     # 1. The policy (dtype, LoRA, checkpointing; see policy.py), replicated by DDP or sharded by
@@ -220,6 +225,14 @@ def train_loop_per_worker(config: dict) -> None:
         tracker.close()  # left open: the driver adds the final model and ends it
 
 
+def count_steps(train_pairs: int, t, world: int) -> tuple[int, int]:
+    """(steps per epoch, total steps): full global batches only (drop_last), so every rank gets
+    whole batches; ``max_steps`` > 0 stops earlier."""
+    steps_per_epoch = train_pairs // (t.per_device_train_batch_size * t.gradient_accumulation_steps * world)
+    total_steps = steps_per_epoch * t.num_train_epochs
+    return steps_per_epoch, min(total_steps, t.max_steps) if t.max_steps > 0 else total_steps
+
+
 def pair_losses(model, batch: dict, t, pad_id: int):
     """Policy log-probs (one chosen+rejected forward) -> per-pair losses and rewards against the
     cached reference log-probs. Returns (forward outputs, losses, chosen_rewards, rejected_rewards).
@@ -237,7 +250,7 @@ def pair_losses(model, batch: dict, t, pad_id: int):
     losses, chosen_rewards, rejected_rewards = preference_loss(
         out["chosen_logps"], out["rejected_logps"], batch["ref_chosen_logps"],
         batch["ref_rejected_logps"], t.beta, t.loss_type, t.label_smoothing,
-        out["chosen_tokens"], out["rejected_tokens"], t.rpo_alpha)
+        out["chosen_tokens"], out["rejected_tokens"], t.rpo_alpha, batch.get("chosen_mean_tokens"))
     return out, losses, chosen_rewards, rejected_rewards
 
 
@@ -257,6 +270,8 @@ def _evaluate(policy, rank, world, t, plan: WorkerPlan, device) -> dict[str, flo
             policy(input_ids=torch.full((1, 2), plan.pad_id, device=device))
         for batch in micro_batches:
             batch.pop("global_batch_crc", None)
+            if plan.eval_chosen_mean_tokens is not None:
+                batch["chosen_mean_tokens"] = torch.tensor(plan.eval_chosen_mean_tokens, dtype=torch.float64)
             batch = {k: v.to(device) for k, v in batch.items()}
             out, losses, chosen_rewards, rejected_rewards = pair_losses(
                 policy, batch, t, plan.pad_id)
@@ -309,7 +324,9 @@ def _step0_guard(step_metrics: dict, t, reference_dtype: str) -> None:
                 "(wrong cache, model or tokenizer?)")
         return
     problems = []
-    if t.loss_type == "sigmoid" and abs(step_metrics["loss"] - math.log(2)) > t.step0_tolerance:
+    # ln 2 holds for the sigmoid loss (with cDPO's label_smoothing too), not with an SFT term added.
+    if (t.loss_type == "sigmoid" and not t.rpo_alpha
+            and abs(step_metrics["loss"] - math.log(2)) > t.step0_tolerance):
         problems.append(f"loss {step_metrics['loss']:.6f} != ln 2 = 0.693147")
     if step_metrics["max_abs_logratio"] > t.step0_tolerance:
         problems.append(f"|logp_policy - logp_ref| reaches {step_metrics['max_abs_logratio']:.6f} "

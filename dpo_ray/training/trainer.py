@@ -26,6 +26,7 @@ from ray.data import DataContext
 from ray.train.torch import TorchTrainer
 
 from dpo_ray.config import RunConfig, config_dict, local_dir, save_config
+from dpo_ray.console import follow_steps, stage
 from dpo_ray.data import prepare_pairs, split_train_eval
 from dpo_ray.preflight import check_paths
 from dpo_ray.ray_env import check_resources
@@ -33,7 +34,8 @@ from dpo_ray.reference import ensure_reference
 from dpo_ray.reference.cache import model_fingerprint
 from dpo_ray.training.checkpoint import STATE_FILE, STEP_FILE
 from dpo_ray.tracking import Tracker, TrackingPlan, plan_tracking
-from dpo_ray.training.loop import PAIR_TRAIN_COLUMNS, TRAIN_COLUMNS, WorkerPlan, train_loop_per_worker
+from dpo_ray.training.loop import (PAIR_TRAIN_COLUMNS, TRAIN_COLUMNS, WorkerPlan, count_steps,
+                                  train_loop_per_worker)
 
 RAY_TRAIN_NAME = "ray_train"
 
@@ -125,6 +127,12 @@ def _materialize(setting: str, rows: int, max_length: int) -> bool:
         return setting == "always"
     upper_bound = rows * (2 * max_length * 4 + 256)  # int32 token ids of both sequences + the rest
     return upper_bound <= ray.cluster_resources().get("object_store_memory", 0) / 4
+
+
+def _chosen_mean_tokens(dataset) -> float:
+    """Mean chosen response length (tokens after the prompt) over a split."""
+    frame = dataset.select_columns(["chosen_input_ids", "prompt_length"]).to_pandas()
+    return float((frame["chosen_input_ids"].map(len) - frame["prompt_length"]).mean())
 
 
 def _report_overlap(datasets: dict, eval_source: str, run_dir: Path) -> None:
@@ -225,6 +233,8 @@ def train(config: RunConfig, source=None) -> TrainResult:
         has_eval="eval" in datasets,
         resume_from=str(resume_from) if resume_from else None,  # Train V2: via the loop's config
         tracking=tracking,
+        eval_chosen_mean_tokens=_chosen_mean_tokens(datasets["eval"]) if (
+            "eval" in datasets and t.rpo_alpha and t.objective == "dpo") else None,
     )
     # Every worker iterates the whole dataset in the same order (see RankPairCollate in training/loop.py).
     ctx = DataContext.get_current()
@@ -247,7 +257,10 @@ def train(config: RunConfig, source=None) -> TrainResult:
                                             execution_options=ctx.execution_options),
     )
     try:
-        result = trainer.fit()
+        total = count_steps(train_pairs, t, t.num_workers)[1]
+        with stage("train", f"{t.num_workers} workers, {train_pairs} pairs, {total} steps "
+                   f"({t.parallel_strategy}) -> {run_dir}"), follow_steps(run_dir / "metrics.jsonl", total):
+            result = trainer.fit()
     except BaseException:
         if tracking is not None:
             Tracker(tracking).close("FAILED")
