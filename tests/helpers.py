@@ -49,9 +49,7 @@ def own_ray_processes(fragment: str) -> list:
 # trained on; 2 workers x 2 pairs: 2 steps per epoch. A constant schedule, so a run stopped and
 # resumed must equal the uninterrupted one. The held-out pairs come in global batches of 4 and
 # then 1, so one rank gets no row in the last batch (under FSDP it must still join the forward).
-# With an SFT term (rpo_alpha): its token mean is over the global batch, so the one-worker run
-# must still equal the two-worker one.
-STEPS = dict(pairs=16, per_device_train_batch_size=2, learning_rate=1e-3, num_train_epochs=2, rpo_alpha=0.5,
+STEPS = dict(pairs=16, per_device_train_batch_size=2, learning_rate=1e-3, num_train_epochs=2,
              lr_scheduler_type="constant", max_steps=4, eval_fraction=0.25, eval_steps=2,
              per_device_eval_batch_size=2)
 

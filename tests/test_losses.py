@@ -174,3 +174,23 @@ def test_reward_model_metrics_have_no_logps():
     sums = metrics.pair_sums(reward_model_loss(scores_c, scores_r), scores_c, scores_r)
     m = metrics.means(sums.tolist(), objective="reward_model")
     assert m["rewards/accuracies"] == pytest.approx(0.5) and "logps/chosen" not in m
+
+
+def test_every_rank_gets_the_global_batch_mean_chosen_length():
+    """The SFT term's normalizer comes from the whole global batch, so each rank's micro-batches,
+    whatever the world size and accumulation, carry the same value (the loss split invariance
+    above then holds in training)."""
+    import numpy as np
+
+    from dpo_ray.training.loop import RankPairCollate
+
+    chosen = [[1, 2, 3], [1, 2, 3, 4, 5, 6], [1, 2, 3, 4], [1, 9, 9, 9, 9, 9, 9, 9]]
+    batch = {"pair_id": np.array([str(i) * 32 for i in range(4)]),
+             "chosen_input_ids": np.array([np.array(c) for c in chosen], dtype=object),
+             "rejected_input_ids": np.array([np.array([1, 2, 7]) for _ in chosen], dtype=object),
+             "prompt_length": np.array([2, 2, 3, 1])}
+    expected = np.mean([3 - 2, 6 - 2, 4 - 3, 8 - 1])  # response tokens per pair
+    for world, accumulation in ((1, 1), (2, 1), (2, 2), (4, 1)):
+        for rank in range(world):
+            for micro in RankPairCollate(rank, world, accumulation, pad_id=0)(batch):
+                assert float(micro["chosen_mean_tokens"]) == expected
