@@ -6,6 +6,8 @@ Notation: B pairs in a batch, T tokens per padded sequence, V vocabulary size.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -36,14 +38,55 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     logits = logits[:, :-1, :]  # (B, T-1, V): position t predicts token t+1 (a view, no copy)
     labels = labels[:, 1:]  # (B, T-1)
     mask = labels != IGNORE_INDEX
-    safe_labels = labels.masked_fill(~mask, 0)
-    # log p(token) = logit[token] - logsumexp(logits): one read of the (B, T-1, V) logits and no
-    # V-sized output, unlike log_softmax + gather (the vocabulary dominates small models' cost).
-    # It is also more exact: torch's float32 CPU log_softmax was measured ~1e-5/token off float64
-    # on SmolLM2, this form ~1e-7 (tests/test_reference.py compares against float64).
-    picked = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1).float()  # (B, T-1)
-    token_logps = picked - torch.logsumexp(logits.float(), dim=-1)  # (B, T-1)
+    token_logps = _token_logps(logits, labels.masked_fill(~mask, 0))  # (B, T-1)
     return (token_logps.double() * mask).sum(-1), mask.sum(-1)
+
+
+def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) = logit[target] - logsumexp(logits), float32; logits (..., V), targets (...).
+
+    One read of the logits and no V-sized output, unlike log_softmax + gather (the vocabulary
+    dominates small models' cost). It is also more exact: torch's float32 CPU log_softmax was
+    measured ~1e-5/token off float64 on SmolLM2, this form ~1e-7 (tests/test_reference.py
+    compares against float64).
+    """
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
+    return picked - torch.logsumexp(logits.float(), dim=-1)
+
+
+def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sequence_logps`` of the model's output, computing vocabulary logits only at the positions
+    whose next token is labelled (response tokens): prompt and padding positions go through the
+    model body, where they are context, but not through the LM head.
+
+    The LM head's (positions x V) logits are most of a small model's compute and memory; with
+    prompts ~70% of the real tokens and padding on top, 10-15% of the positions need them. The
+    kept positions go to transformers as a boolean ``logits_to_keep`` mask, which returns their
+    logits flattened to (N, V) in row-major order. A model whose forward has no
+    ``logits_to_keep`` gets the full (B, T, V) path; both give the same values.
+
+    Shapes: input_ids, attention_mask, labels (B, T) -> logps (B,) float64, token counts (B,).
+    """
+    predicts = torch.zeros_like(labels, dtype=torch.bool)  # (B, T): position t predicts t + 1
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    if keeps_logits(model):
+        logits = model_forward_logits(model, input_ids, attention_mask, logits_to_keep=predicts)
+        if logits.ndim == 2:  # (N, V): the kept positions, row by row
+            token_logps = _token_logps(logits, labels[:, 1:][predicts[:, :-1]])  # (N,)
+            rows = predicts.nonzero()[:, 0]  # (N,) the sequence of each kept position
+            logps = torch.zeros(labels.shape[0], dtype=torch.float64, device=labels.device)
+            return logps.index_add(0, rows, token_logps.double()), predicts.sum(-1)
+    return sequence_logps(model_forward_logits(model, input_ids, attention_mask), labels)
+
+
+def keeps_logits(model) -> bool:
+    """Whether the (possibly DDP-, FSDP- or PEFT-wrapped) model's forward takes a
+    ``logits_to_keep`` mask (transformers' causal LMs do)."""
+    inner = model
+    for _ in range(4):  # DistributedDataParallel.module, PeftModel.base_model.model
+        inner = getattr(inner, "module", None) or getattr(getattr(inner, "base_model", None), "model", None) or inner
+    return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
 
 
 def response_labels(input_ids: torch.Tensor, prompt_lengths: torch.Tensor,
@@ -90,15 +133,17 @@ def collate_pairs(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.
     return out
 
 
-def model_forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Logits (B, T, V) with position ids that count real tokens only.
+def model_forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         **kwargs) -> torch.Tensor:
+    """Logits (B, T, V) with position ids that count real tokens only (``kwargs``: e.g.
+    ``logits_to_keep``).
 
     Models with absolute position embeddings (GPT-2) would otherwise give left-padded sequences
     shifted positions and different log-probs.
     """
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     return model(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=position_ids, use_cache=False).logits
+                 position_ids=position_ids, use_cache=False, **kwargs).logits
 
 
 def concatenate_pairs(chosen_input_ids: torch.Tensor, chosen_attention_mask: torch.Tensor,
@@ -140,8 +185,7 @@ def concatenated_forward(model, chosen_input_ids: torch.Tensor, chosen_attention
     input_ids, attention_mask = concatenate_pairs(chosen_input_ids, chosen_attention_mask,
                                                   rejected_input_ids, rejected_attention_mask, pad_id)
     labels = response_labels(input_ids, prompt_lengths.repeat(2), attention_mask)  # (2B, T)
-    logits = model_forward_logits(model, input_ids, attention_mask)  # (2B, T, V)
-    logps, tokens = sequence_logps(logits, labels)  # (2B,), (2B,)
+    logps, tokens = response_logps(model, input_ids, attention_mask, labels)  # (2B,), (2B,)
     return {
         "chosen_logps": logps[:batch], "rejected_logps": logps[batch:],
         "chosen_tokens": tokens[:batch], "rejected_tokens": tokens[batch:],

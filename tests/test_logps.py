@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from dpo_ray.logps import (
-    IGNORE_INDEX, concatenate_pairs, concatenated_forward, model_forward_logits, pad_sequences, response_labels,
-    sequence_logps,
+    IGNORE_INDEX, concatenate_pairs, concatenated_forward, keeps_logits, model_forward_logits, pad_sequences,
+    response_labels, response_logps, sequence_logps,
 )
 
 VOCAB, PAD = 101, 0
@@ -52,6 +52,57 @@ def test_sequence_logps_matches_token_loop(arch, side):
     assert counts.tolist() == [len(r) for _, r in PAIRS]
     expected = torch.tensor([loop_logps(model, p, r) for p, r in PAIRS], dtype=torch.float64)
     torch.testing.assert_close(logps, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_response_only_logits_give_the_full_logits_values_and_gradients(arch, side):
+    """``response_logps`` runs the LM head on response positions only (transformers' boolean
+    ``logits_to_keep``): same log-probs and same gradients as the full (B, T, V) path, and as the
+    token-by-token loop. Also through PEFT's wrapper, which must pass the mask on."""
+    model = tiny(arch)
+    assert keeps_logits(model)
+    ids, mask = pad_sequences([p + r for p, r in PAIRS], PAD, side=side)
+    labels = response_labels(ids, torch.tensor([len(p) for p, _ in PAIRS]), mask)
+    kept, kept_counts = response_logps(model, ids, mask, labels)
+    kept.sum().backward()
+    kept_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    full, full_counts = sequence_logps(model_forward_logits(model, ids, mask), labels)
+    full.sum().backward()
+    assert kept_counts.tolist() == full_counts.tolist() == [len(r) for _, r in PAIRS]
+    torch.testing.assert_close(kept, full, atol=1e-6, rtol=0)
+    for a, b in zip(kept_grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    expected = torch.tensor([loop_logps(model, p, r) for p, r in PAIRS], dtype=torch.float64)
+    torch.testing.assert_close(kept.detach(), expected, atol=1e-5, rtol=0)
+
+
+def test_response_only_logits_through_peft_and_a_model_without_the_option():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny("llama")
+    ids, mask = pad_sequences([p + r for p, r in PAIRS], PAD)
+    labels = response_labels(ids, torch.tensor([len(p) for p, _ in PAIRS]), mask)
+    with torch.no_grad():
+        full, _ = sequence_logps(model_forward_logits(model, ids, mask), labels)
+        peft = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+        assert keeps_logits(peft)
+        torch.testing.assert_close(response_logps(peft, ids, mask, labels)[0], full, atol=1e-6, rtol=0)
+
+    class NoOption(torch.nn.Module):  # a remote-code model whose forward lacks the argument
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, position_ids, use_cache):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids, use_cache=use_cache)
+
+    plain = NoOption(tiny("llama"))
+    assert not keeps_logits(plain)
+    with torch.no_grad():
+        torch.testing.assert_close(response_logps(plain, ids, mask, labels)[0], full, atol=1e-6, rtol=0)
 
 
 def test_sequence_logps_matches_model_mean_loss_times_count():

@@ -2,7 +2,7 @@
 
 ``generate(prompts, model, config)``: prompts (``prompt_id``, ``prompt_json``) -> one row per
 sample with ``GENERATION_COLUMNS`` (docs/eval.md). ``logp`` is the summed log-prob of the response
-tokens under the generating model at temperature 1 (``sequence_logps``, the function that scores
+tokens under the generating model at temperature 1 (``response_logps``, the function that scores
 pairs for DPO), so a policy's samples scored again under the reference give the KL estimate
 
     KL(pi || ref) ~= mean over samples y ~ pi of  [log pi(y|x) - log ref(y|x)].
@@ -17,12 +17,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from dpo_ray.logps import (
-    model_forward_logits,
-    pad_sequences,
-    response_labels,
-    sequence_logps,
-)
+from dpo_ray.logps import pad_sequences, response_labels, response_logps
 from dpo_ray.models import load_causal_lm, pick_device
 from dpo_ray.ray_env import actor_pool_kwargs
 
@@ -66,8 +61,7 @@ def score_responses(model, prompts: list[list[int]], responses: list[list[int]],
     ids, mask = pad_sequences([p + r for p, r in zip(prompts, responses)], pad_id=0)
     ids, mask = ids.to(device), mask.to(device)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    logits = model_forward_logits(model, ids, mask)
-    logps, _ = sequence_logps(logits, response_labels(ids, lengths, mask))
+    logps, _ = response_logps(model, ids, mask, response_labels(ids, lengths, mask))
     return logps.cpu().tolist()
 
 
