@@ -8,17 +8,17 @@ its outputs (``save_config``) so a result can always be traced to the settings t
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
-import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 from pydantic_core import ArgsKwargs
+
+from dpo_ray.trl_names import report_to_names, trl_names
 
 STRICT = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -203,64 +203,14 @@ class LoraConfig:
 
 
 Tracker = Literal["mlflow", "tensorboard", "wandb"]
-# TRL/transformers optimizer names that mean one of ours.
-_TRL_OPTIM = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw": "adamw", "rmsprop": "rmsprop"}
-# TRL DPOConfig fields refused here, and why (a TRL user's config fails with this, not a typo hint).
-_TRL_REFUSED = {
-    "push_to_hub": "not done by dpo_ray: upload <run_dir>/final_model with `hf upload`",
-    "max_prompt_length": "it is a data setting here: data.max_prompt_length",
-    "max_length": "it is a data setting here: data.max_length",
-    "use_logits_to_keep": "dpo_ray already computes logits on the positions a loss reads",
-}
 
 
-def trl_names(values: dict) -> dict:
-    """Accept TRL ``DPOConfig`` names where the meaning is ours: ``warmup_ratio`` (share of steps),
-    ``optim`` (adamw_torch / rmsprop), ``report_to: none|all|name``, and
-    ``precompute_ref_log_probs`` (always true here: a note says so). TRL names that mean
-    something else are refused with the reason."""
-    values = dict(values)
-    for name, why in _TRL_REFUSED.items():
-        if name in values and why:
-            raise ValueError(f"train.{name} (TRL's DPOConfig field): {why}")
-    if values.get("loss_type") == "ipo_length_normalized":
-        raise ValueError("train.loss_type=ipo_length_normalized is now called ipo (TRL's IPO: "
-                         "log-probs averaged over response tokens); the summed form is ipo_sum")
-    if "warmup_ratio" in values:
-        ratio = values.pop("warmup_ratio")
-        if values.get("warmup_steps"):
-            raise ValueError("train.warmup_ratio and train.warmup_steps are both set; set one")
-        if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-            raise ValueError(f"train.warmup_ratio must be a share in [0, 1), got {ratio!r}")
-        values["warmup_steps"] = float(ratio)
-    if "optim" in values:
-        optim = values.pop("optim")
-        if optim not in _TRL_OPTIM:
-            raise ValueError(f"train.optim={optim!r}: dpo_ray has {sorted(_TRL_OPTIM)} "
-                             "(train.optimizer: adamw or rmsprop)")
-        values["optimizer"] = _TRL_OPTIM[optim]
-    if "precompute_ref_log_probs" in values:
-        values.pop("precompute_ref_log_probs")
-        print("note: train.precompute_ref_log_probs is always on in dpo_ray: the reference stage "
-              "scores every pair once and caches it, and training never runs the reference model",
-              file=sys.stderr)
-    return report_to_names(values)
-
-
-def report_to_names(values: dict) -> dict:
-    """``report_to`` as transformers takes it: a name, a list, "none" or "all"."""
-    values = dict(values)
-    report_to = values.get("report_to")
-    if isinstance(report_to, str):
-        report_to = [report_to]
-    if isinstance(report_to, list) and {"none", "all"} & set(report_to):
-        # as in transformers: "none" = no tracking, "all" = every tracker whose package is installed
-        values["report_to"] = ([] if report_to == ["none"] else
-                               [t for t in get_args(Tracker) if importlib.util.find_spec(t)]
-                               if report_to == ["all"] else report_to)
-    elif report_to is not None:
-        values["report_to"] = report_to
-    return values
+def _rewrite_kwargs(values: Any, rewrite) -> Any:
+    """A ``mode="before"`` model validator's input with its keyword arguments passed through
+    ``rewrite`` (a pydantic dataclass is validated from its ``__init__`` arguments)."""
+    if isinstance(values, ArgsKwargs):
+        return ArgsKwargs(values.args, rewrite(values.kwargs or {}))
+    return rewrite(values) if isinstance(values, dict) else values
 
 
 @dataclass(config=STRICT)
@@ -342,8 +292,8 @@ class TrainConfig:
     # cache): the largest |logp_policy - logp_ref| / |logp_ref| allowed. bf16 rounding stays ~1%;
     # a wrong cache, model or tokenizer is off by far more.
     step0_rtol_low_precision: Positive = 0.05
-    # Experiment tracking from rank 0: metrics every logging step, the resolved config as params,
-    # metrics.png and the final model as artifacts (mlflow) - see docs/tracking.md.
+    # Experiment tracking: metrics every logging step (from rank 0), the resolved config as
+    # params, metrics.png and the final model as artifacts (see dpo_ray/tracking.py, README).
     report_to: list[Tracker] = dataclasses.field(default_factory=list)
     # MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else a file store in <output_dir>/mlruns.
     tracking_uri: str | None = None
@@ -352,9 +302,7 @@ class TrainConfig:
     @model_validator(mode="before")
     @classmethod
     def _trl_names(cls, values: Any) -> Any:
-        if isinstance(values, ArgsKwargs):  # a dataclass is validated from its __init__ arguments
-            return ArgsKwargs(values.args, trl_names(values.kwargs or {}))
-        return trl_names(values) if isinstance(values, dict) else values
+        return _rewrite_kwargs(values, trl_names)
 
     def __post_init__(self) -> None:
         if self.lr_scheduler_type == "constant" and self.warmup_steps:
@@ -442,9 +390,7 @@ class EvalConfig:
     @model_validator(mode="before")
     @classmethod
     def _report_to(cls, values: Any) -> Any:
-        if isinstance(values, ArgsKwargs):
-            return ArgsKwargs(values.args, report_to_names(values.kwargs or {}))
-        return report_to_names(values) if isinstance(values, dict) else values
+        return _rewrite_kwargs(values, report_to_names)
 
 
 @dataclass(config=STRICT)

@@ -130,21 +130,30 @@ def progress(desc: str, total: int | None, unit: str) -> Iterator[Progress | Non
     actor = _counter()
     handle = Progress(actor, f"{desc}-{uuid.uuid4().hex[:8]}")
     bar = _Bar(desc, total, unit)
+    try:
+        with _polling(lambda: bar.update(ray.get(actor.get.remote(handle.key)))):
+            yield handle
+    finally:
+        bar.close()
+
+
+@contextmanager
+def _polling(poll) -> Iterator[None]:
+    """``poll()`` every ``_POLL_S`` seconds on a thread while the block runs, and once after."""
     done = threading.Event()
 
-    def poll() -> None:
+    def loop() -> None:
         while not done.wait(_POLL_S):
-            bar.update(ray.get(actor.get.remote(handle.key)))
+            poll()
 
-    thread = threading.Thread(target=poll, daemon=True)
+    thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     try:
-        yield handle
+        yield
     finally:
         done.set()
         thread.join()
-        bar.update(ray.get(actor.get.remote(handle.key)))
-        bar.close()
+        poll()
 
 
 def counted(dataset, bar: Progress):
@@ -164,7 +173,6 @@ def follow_steps(metrics_file: Path, total_steps: int) -> Iterator[None]:
     """A bar over training steps, read from the ``metrics.jsonl`` rank 0 appends to (the
     workers' own output does not reach the console); loss and accuracy as its postfix."""
     bar = _Bar("training", total_steps, "steps")
-    done = threading.Event()
     offset = metrics_file.stat().st_size if metrics_file.exists() else 0  # a resumed run's old steps
 
     def read() -> None:
@@ -185,17 +193,9 @@ def follow_steps(metrics_file: Path, total_steps: int) -> Iterator[None]:
                 postfix += f" eval_loss {record['eval_loss']:.4f}"
             bar.update(int(record["step"]), postfix, force=not bar.tty)
 
-    def poll() -> None:
-        while not done.wait(_POLL_S):
-            read()
-
-    thread = threading.Thread(target=poll, daemon=True)
-    thread.start()
     try:
-        yield
+        with _polling(read):
+            yield
     finally:
-        done.set()
-        thread.join()
-        read()
-        if bar.bar is not None:
+        if bar.bar is not None:  # in a log every step was already a line of its own
             bar.close()

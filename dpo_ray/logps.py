@@ -7,6 +7,7 @@ Notation: B pairs in a batch, T tokens per padded sequence, V vocabulary size.
 from __future__ import annotations
 
 import inspect
+from functools import cache
 
 import numpy as np
 import torch
@@ -86,7 +87,12 @@ def keeps_logits(model) -> bool:
     inner = model
     for _ in range(4):  # DistributedDataParallel.module, PeftModel.base_model.model
         inner = getattr(inner, "module", None) or getattr(getattr(inner, "base_model", None), "model", None) or inner
-    return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
+    return _forward_takes_logits_to_keep(type(inner))
+
+
+@cache
+def _forward_takes_logits_to_keep(cls: type) -> bool:  # per class, not per forward pass
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def response_labels(input_ids: torch.Tensor, prompt_lengths: torch.Tensor,

@@ -96,6 +96,7 @@ def check_paths(config, source=None) -> None:
     check_trackers(train.report_to, "train.report_to")
     if config.eval is not None:
         check_writable_dir(config.eval.output_dir, "eval.output_dir")
+        # evaluate() checks it too, but a pipeline reaches evaluate() only after training
         check_trackers(config.eval.report_to, "eval.report_to")
 
 
@@ -108,7 +109,6 @@ def check_eval_paths(config) -> None:
         check_model_path(config.baseline, "eval.baseline", need_config=False)
     if config.reference:
         check_model_path(config.reference, "eval.reference")
-    check_trackers(config.report_to, "eval.report_to")
     for judge in config.judges:
         if judge.kind != "function":
             check_model_path(judge.name, f"judge {judge.name!r}")

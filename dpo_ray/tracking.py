@@ -41,9 +41,16 @@ class TrackingPlan:
     wandb_mode: str | None  # WANDB_MODE: online, offline, disabled
 
 
+def installed_trackers() -> list[str]:
+    """The backends whose package is installed (``report_to: all``, as in transformers)."""
+    return [name for name, package in PACKAGES.items() if importlib.util.find_spec(package)]
+
+
 def check_trackers(backends: list[str], field: str) -> None:
-    """A ``ValueError`` naming the extra to install for each backend whose package is missing."""
-    missing = [b for b in backends if importlib.util.find_spec(PACKAGES[b]) is None]
+    """A ``ValueError`` naming the extra to install for each backend whose package is missing.
+    Run before any work (preflight, ``evaluate``): a missing package must not cost a run."""
+    installed = installed_trackers()
+    missing = [b for b in backends if b not in installed]
     if missing:
         raise ValueError(f"{field}={missing}: not installed; pip install "
                          + " ".join(f"'dpo-ray[{b}]'" for b in missing))
@@ -51,12 +58,11 @@ def check_trackers(backends: list[str], field: str) -> None:
 
 def plan_tracking(backends: list[str], run_dir: Path, run_name: str, project: str,
                   tracking_uri: str | None, output_dir: Path) -> TrackingPlan | None:
-    """None without backends. MLflow's URI: ``tracking_uri``, else $MLFLOW_TRACKING_URI, else a file store in
-    ``<output_dir>/mlruns`` (works with mlflow-skinny and no server; ``mlflow ui
+    """None without backends. MLflow's URI: ``tracking_uri``, else $MLFLOW_TRACKING_URI, else a
+    file store in ``<output_dir>/mlruns`` (works with mlflow-skinny and no server; ``mlflow ui
     --backend-store-uri`` reads it)."""
     if not backends:
         return None
-    check_trackers(backends, "report_to")
     uri = None
     if "mlflow" in backends:
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (output_dir / "mlruns").as_uri()

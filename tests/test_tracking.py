@@ -88,3 +88,13 @@ def test_a_tracker_that_is_not_installed_is_named_with_its_extra(monkeypatch):
                         lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ValueError, match=r"train.report_to=\['wandb'\]: not installed; pip install 'dpo-ray\[wandb\]'"):
         check_trackers(["mlflow", "wandb"], "train.report_to")
+
+
+def test_every_report_to_name_has_a_backend():
+    """config's Tracker names and tracking's backends are one list ("all" expands to it)."""
+    from typing import get_args
+
+    from dpo_ray.config import Tracker
+    from dpo_ray.tracking import _BACKENDS, PACKAGES
+
+    assert set(get_args(Tracker)) == set(PACKAGES) == set(_BACKENDS)

@@ -26,7 +26,7 @@ from dpo_ray.eval.generate import generate, score_samples
 from dpo_ray.eval.judges import build_judge, check_function_judges
 from dpo_ray.eval.prompts import load_prompts
 from dpo_ray.ray_env import actor_pool_kwargs
-from dpo_ray.tracking import Tracker, plan_tracking
+from dpo_ray.tracking import Tracker, check_trackers, plan_tracking
 
 
 @dataclass
@@ -137,6 +137,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
             raise ValueError(f"eval.{field} is empty: name at least one (e.g. eval.{field}=[...] "
                              "or in the config file); `dpo-ray pipeline` fills eval.policies itself")
     check_function_judges(config.judges)
+    check_trackers(config.report_to, "eval.report_to")  # before the work, not after it
     init_ray()
     name = config.name or time.strftime("eval-%Y%m%d-%H%M%S")
     out = local_dir(config.output_dir, "eval.output_dir") / name
