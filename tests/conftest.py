@@ -14,6 +14,10 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s: each report barrier and the end of every
+# run waited up to that long, ~6 s per tiny TorchTrainer run. The driver passes this variable on
+# to the controller (ray.train.v2 constants), so job submissions see it too.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 REPO = Path(__file__).resolve().parents[1]
 # Ray workers must import test helpers (e.g. a scorer subclass that crashes on purpose); they
