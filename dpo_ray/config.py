@@ -74,11 +74,22 @@ class Placement:
 
 
 @dataclass(config=STRICT)
+class Tasks:
+    """Ray Data tasks, for a stage whose setup is cheap (tokenizing, ``data.tasks``): nothing to
+    start before the first batch, and each worker process keeps its tokenizer between tasks.
+    ``dpo_ray.ray_env.task_pool_kwargs`` turns it into ``map_batches`` arguments."""
+
+    max_tasks: PositiveInt | None = None  # tasks at once; None = as many as free CPUs allow
+    num_cpus_per_task: NonNegative = 1.0  # CPUs Ray reserves for each task
+    placement: Placement = dataclasses.field(default_factory=Placement)  # where tasks may run
+
+
+@dataclass(config=STRICT)
 class Pool:
-    """A Ray Data actor pool: each actor loads its model (or tokenizer) once and serves many
-    batches. Every pool in the framework is set the same way: ``data.pool`` (tokenizing),
-    ``reference.pool`` (scoring), ``eval.generation.pool`` and each judge's ``pool``.
-    ``dpo_ray.ray_env.actor_pool_kwargs`` turns it into ``map_batches`` arguments."""
+    """A Ray Data actor pool: each actor loads its model once and serves many batches. Every
+    model stage is set the same way: ``reference.pool`` (scoring), ``eval.generation.pool`` and
+    each judge's ``pool``. ``dpo_ray.ray_env.actor_pool_kwargs`` turns it into ``map_batches``
+    arguments."""
 
     # The pool starts with min_actors and grows to max_actors while batches are queued.
     min_actors: PositiveInt = 1
@@ -140,9 +151,9 @@ class DataConfig:
     hf_data_dir: str | None = None  # a data_dir inside the dataset repo
     hf_revision: str | None = None  # a commit, tag or branch
     trust_remote_code: bool = False  # allow a hub dataset's or tokenizer's own code to run
-    # Ray Data: rows per tokenizer call, and the tokenizer actors (each loads the tokenizer once).
+    # Ray Data: rows per tokenizing task, and those tasks' CPUs, concurrency and placement.
     tokenize_batch_size: PositiveInt = 256
-    pool: Pool = dataclasses.field(default_factory=Pool)
+    tasks: Tasks = dataclasses.field(default_factory=Tasks)
 
     @property
     def prompt_limit(self) -> int | None:

@@ -10,7 +10,8 @@
   missing resource. Ray would otherwise queue it forever without a word. With an autoscaler the
   request may yet be placed on a new node: we print ``waiting for ...`` every 30 s and stop after
   ``placement.wait_timeout_s``.
-- ``actor_pool_kwargs``: how every actor pool (a ``config.Pool``) is requested from Ray Data.
+- ``actor_pool_kwargs``: how every actor pool (a ``config.Pool``) is requested from Ray Data;
+  ``task_pool_kwargs`` the same for plain tasks (a ``config.Tasks``).
 
 Ray 2.60 on a 2-core machine hangs silently when Train workers hold every CPU and Ray Data
 tasks cannot schedule, so a local instance advertises at least ``MIN_LOCAL_CPUS`` logical CPUs:
@@ -210,6 +211,17 @@ def check_resources(what: str, per_unit: dict[str, float], count: int, placement
             fits, nodes = _units_that_fit(per_unit, selector)
     finally:
         request_resources(bundles=[])
+
+
+def task_pool_kwargs(tasks, what: str) -> dict:
+    """``Dataset.map_batches`` keyword arguments for plain Ray tasks (a ``config.Tasks``): CPUs per
+    task, how many at once, placement; first checks that the cluster can hold one task."""
+    from ray.data import TaskPoolStrategy
+
+    if ray.is_initialized():
+        check_resources(f"{what} tasks", {"CPU": tasks.num_cpus_per_task}, 1, tasks.placement)
+    return {"compute": TaskPoolStrategy(size=tasks.max_tasks), "num_cpus": tasks.num_cpus_per_task,
+            **tasks.placement.ray_data_kwargs()}
 
 
 def actor_pool_kwargs(pool, what: str) -> dict:

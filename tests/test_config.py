@@ -52,18 +52,20 @@ def test_run_directories_are_paths_every_node_mounts():
 
 
 def test_every_actor_pool_is_requested_from_its_stage_config():
-    from dpo_ray.config import DataConfig, EvalConfig, Pool, RunConfig, load_config
-    from dpo_ray.ray_env import actor_pool_kwargs
+    from dpo_ray.config import DataConfig, EvalConfig, Pool, RunConfig, Tasks, load_config
+    from dpo_ray.ray_env import actor_pool_kwargs, task_pool_kwargs
 
     # One Pool sub-config under the same key in every stage, from YAML-style overrides.
     run = load_config(RunConfig, overrides=[
-        "data.source=x", "data.tokenizer=t", "data.pool.max_actors=2", "reference.model=m",
+        "data.source=x", "data.tokenizer=t", "data.tasks.max_tasks=2", "reference.model=m",
         "reference.pool.max_actors=3", "reference.pool.num_cpus_per_actor=2",
         "reference.pool.placement.resources={dpo_score: 1}"])
     kwargs = actor_pool_kwargs(run.reference.pool, "reference scorer")
     assert (kwargs["compute"].min_size, kwargs["compute"].max_size) == (1, 3)
     assert (kwargs["num_cpus"], kwargs["num_gpus"], kwargs["resources"]) == (2, 0, {"dpo_score": 1.0})
-    assert actor_pool_kwargs(run.data.pool, "tokenizer")["compute"].max_size == 2
+    tokenizing = task_pool_kwargs(run.data.tasks, "tokenizer")  # tasks: no actor to start
+    assert (tokenizing["compute"].size, tokenizing["num_cpus"]) == (2, 1.0)
+    assert task_pool_kwargs(Tasks(), "tokenizer")["compute"].size is None
     fixed = actor_pool_kwargs(Pool(min_actors=2, max_actors=2), "generation")["compute"]
     assert (fixed.min_size, fixed.max_size) == (2, 2)
     evaluation = load_config(EvalConfig, overrides=[
@@ -71,7 +73,7 @@ def test_every_actor_pool_is_requested_from_its_stage_config():
         "judges=[{kind: function, name: vader, pool: {min_actors: 3, max_actors: 3, num_gpus_per_actor: 1}}]"])
     judge = actor_pool_kwargs(evaluation.judges[0].pool, "judge")
     assert (judge["compute"].min_size, judge["compute"].max_size, judge["num_gpus"]) == (3, 3, 1)
-    assert evaluation.generation.pool.max_actors == 4 and DataConfig("x", "t").pool == Pool()
+    assert evaluation.generation.pool.max_actors == 4 and DataConfig("x", "t").tasks == Tasks()
     with pytest.raises(ValueError, match="max_actors=1 is below min_actors=2"):
         load_config(RunConfig, overrides=["data.source=x", "data.tokenizer=t", "reference.model=m",
                                           "reference.pool.min_actors=2", "reference.pool.max_actors=1"])

@@ -14,7 +14,7 @@ The pair passes through six files, in data-flow order:
     training/loop.py     RankPairCollate, pair_losses  (one worker's view of a global batch)
     losses.py            preference_loss   -> -log sigma(beta * (chosen log-ratio - rejected log-ratio))
 
-Everything else moves datasets, not values: data/pipeline.py (runs the tokenizer actors, counts
+Everything else moves datasets, not values: data/pipeline.py (runs the tokenizing tasks, counts
 bad rows), reference/stage.py and cache.py (score once, store by content key), training/trainer.py
 (hands the cached dataset to Ray Train).
 """
@@ -75,7 +75,7 @@ def test_one_hh_pair_from_its_line_to_its_loss(ray_session, hh_path, smollm2):
           prompt_end=pair.prompt[-80:], chosen=pair.chosen, rejected=pair.rejected)
     assert pair.format == "implicit" and pair.prompt.endswith("\n\nAssistant:")
 
-    # 3. Tokenize (what each tokenizer actor does to a batch): prompt ids + response ids + EOS.
+    # 3. Tokenize (what each tokenizing task does to a batch): prompt ids + response ids + EOS.
     batch = pa.Table.from_pylist([record])
     tokenized = PairTokenizer(data)(batch)
     row = tokenized.to_pylist()[0]

@@ -21,8 +21,8 @@ from dpo_ray.config import DataConfig, save_config
 from dpo_ray.console import counted, progress, stage
 from dpo_ray.data.errors import DUPLICATE_PAIR, NO_PAIRS_LEFT, NO_ROWS, PreferenceDataError
 from dpo_ray.data.sources import hub_dataset_id, list_source, read_records
-from dpo_ray.data.tokenize import PAIR_SCHEMA, PairTokenizer
-from dpo_ray.ray_env import actor_pool_kwargs, root_cause
+from dpo_ray.data.tokenize import PAIR_SCHEMA, tokenize_batch
+from dpo_ray.ray_env import root_cause, task_pool_kwargs
 
 PAIR_COLUMNS = [name for name in PAIR_SCHEMA.names if not name.startswith("skip_")]
 _EXAMPLES_KEPT = 20
@@ -142,11 +142,11 @@ def prepare_pairs(config: DataConfig, source=None) -> tuple[ray.data.Dataset, Da
     """
     records = read_records(config.source if source is None else source, config)
     tokenized = records.map_batches(
-        PairTokenizer,
-        fn_constructor_args=(config,),
+        tokenize_batch,
+        fn_args=(config,),
         batch_format="pyarrow",
         batch_size=config.tokenize_batch_size,
-        **actor_pool_kwargs(config.pool, "tokenizer"),
+        **task_pool_kwargs(config.tasks, "tokenizer"),
     )
     with stage("data", f"reading and tokenizing {source_name(config, source)}"), \
             progress("tokenizing", config.limit, "rows") as bar:  # the row count is known once read
