@@ -39,10 +39,11 @@ def direct_logps(model_path, rows):
             values = []
             for side in ("chosen", "rejected"):
                 ids = torch.tensor([list(row[f"{side}_input_ids"])])
-                logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
                 n = row["prompt_length"]
+                # The full forward; log_softmax at the positions that predict response tokens
+                logprobs = torch.log_softmax(model(input_ids=ids).logits[0, n - 1:-1].double(), -1)
                 targets = ids[0, n:]
-                values.append(float(logprobs[n - 1:-1].gather(-1, targets[:, None]).sum()))
+                values.append(float(logprobs.gather(-1, targets[:, None]).sum()))
             out[row["pair_id"]] = values
     return out
 

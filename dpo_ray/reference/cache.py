@@ -213,7 +213,7 @@ class ReferenceCache:
             return None
         ids = self.verify(key, manifest)
         paths = [self._uri(key, e["path"]) for e in manifest["files"]]
-        return ray.data.read_parquet(paths), manifest, ids
+        return read_parquet_files(paths), manifest, ids
 
     def quarantine(self, key: str) -> str:
         """Set a corrupt entry aside: its manifest is moved (so it is never read again, and is
@@ -290,3 +290,18 @@ class ReferenceCache:
 def pair_ids_digest(ids: list[str]) -> str:
     """sha256 of the sorted pair ids: what an entry covers, independent of row order."""
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+
+
+def read_parquet_files(paths: list[str]) -> ray.data.Dataset:
+    """``ray.data.read_parquet`` on known files, with Ray Data's first Parquet reader. The newer one
+    (datasource V2, the default in Ray 2.60) first lists the files in a task that takes ~2.4 s
+    however few they are; the first reader loads a small entry in ~0.3 s
+    (``benchmarks/stage_overheads.py``). The choice is read when the dataset is built."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    default, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(paths)
+    finally:
+        context.use_datasource_v2 = default

@@ -194,6 +194,12 @@ def train(config: RunConfig, source=None) -> TrainResult:
         pairs, rows, reference_key, columns = reference.dataset, reference.rows, reference.key, TRAIN_COLUMNS
         if held_out is not None:
             held = ensure_reference(held_out, config.reference).dataset
+    # Every worker iterates the whole dataset in the same order (see RankPairCollate in
+    # training/loop.py), and that order is the cache's file order in every run: set before the
+    # splits are materialized (the first train() in a process used to materialize them in
+    # whatever order the read tasks finished).
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True
     pairs = pairs.select_columns(columns)
     in_memory = _materialize(t.materialize_datasets, rows, config.data.max_length)
     if in_memory:  # read once; both splits then filter blocks already in memory
@@ -236,9 +242,6 @@ def train(config: RunConfig, source=None) -> TrainResult:
         eval_chosen_mean_tokens=_chosen_mean_tokens(datasets["eval"]) if (
             "eval" in datasets and t.rpo_alpha and t.objective == "dpo") else None,
     )
-    # Every worker iterates the whole dataset in the same order (see RankPairCollate in training/loop.py).
-    ctx = DataContext.get_current()
-    ctx.execution_options.preserve_order = True
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": config, "plan": plan},
