@@ -151,7 +151,8 @@ def sample_and_score(policy: str, prompts: list[list[dict]], config: SentimentCo
 
     judge = config.train_judge
     frame = pd.DataFrame({"prompt_json": [json.dumps(p) for p in prompts],
-                          "prompt_id": [prompt_id(p) for p in prompts]})
+                          "prompt_id": [prompt_id(p) for p in prompts],
+                          "prompt_index": range(len(prompts))})
     gen = replace(config.generation, num_samples=config.samples_per_prompt, seed=seed)
     with progress("sampling", len(frame) * gen.num_samples, "samples") as bar:
         samples = counted(generate(ray.data.from_pandas(frame), policy, gen), bar).materialize()
@@ -160,7 +161,10 @@ def sample_and_score(policy: str, prompts: list[list[dict]], config: SentimentCo
         batch_size=judge.batch_size, **actor_pool_kwargs(judge.pool, "training judge"))
     with progress(f"scoring ({judge.name})", len(frame) * gen.num_samples, "samples") as bar:
         scored = counted(scored, bar).to_pandas()
-    return scored.merge(frame, on="prompt_id")
+    # In prompt order, not in the order Ray's tasks finished: pairs.jsonl (and so the reference
+    # cache key and the order training reads the pairs in) must be the same in every run.
+    ordered = scored.merge(frame, on="prompt_id").sort_values(["prompt_index", "sample_index"])
+    return ordered.drop(columns="prompt_index").reset_index(drop=True)
 
 
 class _ScoreSamples:
