@@ -51,9 +51,17 @@ def test_run_directories_are_paths_every_node_mounts():
         "resources": {"dpo_score": 1.0}, "accelerator_type": "L4"}
 
 
-def test_every_actor_pool_is_requested_from_its_stage_config():
+def test_every_actor_pool_is_requested_from_its_stage_config(monkeypatch):
+    from dpo_ray import ray_env
     from dpo_ray.config import DataConfig, EvalConfig, Pool, RunConfig, Tasks, load_config
     from dpo_ray.ray_env import actor_pool_kwargs, task_pool_kwargs
+
+    # With Ray up (an earlier test in the session started it), each request is first checked
+    # against the cluster, which has no dpo_score nodes: record the checks instead (check_resources
+    # has its own tests in test_hardening.py).
+    checked = []
+    monkeypatch.setattr(ray_env.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray_env, "check_resources", lambda what, *args: checked.append(what))
 
     # One Pool sub-config under the same key in every stage, from YAML-style overrides.
     run = load_config(RunConfig, overrides=[
@@ -63,6 +71,7 @@ def test_every_actor_pool_is_requested_from_its_stage_config():
     kwargs = actor_pool_kwargs(run.reference.pool, "reference scorer")
     assert (kwargs["compute"].min_size, kwargs["compute"].max_size) == (1, 3)
     assert (kwargs["num_cpus"], kwargs["num_gpus"], kwargs["resources"]) == (2, 0, {"dpo_score": 1.0})
+    assert checked == ["reference scorer actor pool"]
     tokenizing = task_pool_kwargs(run.data.tasks, "tokenizer")  # tasks: no actor to start
     assert (tokenizing["compute"].size, tokenizing["num_cpus"]) == (2, 1.0)
     assert task_pool_kwargs(Tasks(), "tokenizer")["compute"].size is None
