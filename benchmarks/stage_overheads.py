@@ -56,14 +56,9 @@ def main() -> None:
     def tasks() -> int:  # prepare_pairs now: tasks, the tokenizer kept per worker process
         return prepare_pairs(data)[1].rows_read
 
-    def parquet_v2() -> int:  # Ray 2.60's default reader
-        context = DataContext.get_current()
-        default, context.use_datasource_v2 = context.use_datasource_v2, True
-        try:
-            dataset = ray.data.read_parquet(paths)
-        finally:
-            context.use_datasource_v2 = default
-        return dataset.materialize().count()
+    def parquet_v2() -> int:  # Ray 2.60's default reader (read_parquet_files restores it)
+        assert DataContext.get_current().use_datasource_v2
+        return ray.data.read_parquet(paths).materialize().count()
 
     def parquet_v1() -> int:  # what ReferenceCache.load uses
         return read_parquet_files(paths).materialize().count()

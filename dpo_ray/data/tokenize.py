@@ -37,8 +37,8 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -389,5 +389,5 @@ def _folder_stamp(name_or_path: str) -> tuple:
     folder = Path(name_or_path).expanduser()
     if not folder.is_dir():
         return ()  # a hub id: its files live in the hub cache, keyed by revision
-    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
-                        for f in folder.iterdir() if f.is_file()))
+    stats = ((f.name, f.stat()) for f in folder.iterdir() if f.is_file())
+    return tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in stats))
