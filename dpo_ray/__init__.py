@@ -7,6 +7,7 @@ The math lives in ``logps`` (sequence log-probs) and ``losses`` (DPO-family loss
     import dpo_ray
     result = dpo_ray.train(run_config)   # dpo_ray.config.RunConfig
     report = dpo_ray.evaluate(eval_config)  # dpo_ray.config.EvalConfig
+    swept = dpo_ray.sweep(run_config)       # Ray Tune over run_config.sweep, one reference pass
 """
 
 __version__ = "0.1.0"
@@ -22,4 +23,8 @@ def __getattr__(name: str):
         from dpo_ray.eval.winrate import evaluate
 
         return evaluate
+    if name == "sweep":
+        from dpo_ray.sweep import sweep
+
+        return sweep
     raise AttributeError(f"module 'dpo_ray' has no attribute {name!r}")

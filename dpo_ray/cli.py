@@ -106,6 +106,26 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from dpo_ray.ray_env import init_ray
+    from dpo_ray.sweep import SweepTrialsFailed, sweep
+
+    config = load_config(RunConfig, args.config, _overrides(args))
+    if config.sweep is None:
+        raise ValueError("no sweep section: give the train fields to vary, e.g. "
+                         "sweep.grid.beta=[0.05,0.1] (docs: dpo-ray sweep --help)")
+    check_paths(config)
+    init_ray(args.address)
+    try:
+        result = sweep(config)
+    except SweepTrialsFailed as err:  # the table is written; each trial's error is in it
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps({"sweep_dir": str(result.sweep_dir), "best": result.summary["best"],
+                      "reference": result.summary["reference"]}, default=str))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from dpo_ray.eval import evaluate
     from dpo_ray.ray_env import init_ray
@@ -135,7 +155,7 @@ def _pair_accuracy(args: argparse.Namespace) -> int:
 # Which config each subcommand reads (class, YAML section): its --help lists these fields and its
 # --flags name them.
 CONFIGS = {"data": (DataConfig, "data"), "reference": (RunConfig, None), "train": (RunConfig, None),
-           "pipeline": (RunConfig, None), "eval": (EvalConfig, "eval")}
+           "pipeline": (RunConfig, None), "sweep": (RunConfig, None), "eval": (EvalConfig, "eval")}
 # TRL DPOConfig / script names that mean a field here (see docs/trl.md).
 TRL_FLAGS = {"warmup_ratio": "train.warmup_ratio", "optim": "train.optim",
              "precompute_ref_log_probs": "train.precompute_ref_log_probs",
@@ -193,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
                   "YAML file with data:, reference:, train: and (optional) eval: sections",
                   "shortcut for reference.model (policy starts from it)",
                   "key=value, e.g. train.max_steps=10 eval.limit=50", _pipeline)
+
+    _stage_parser(sub, "sweep", "Ray Tune trials over train fields (sweep: section), every trial "
+                  "on one cached reference pass",
+                  "YAML file with data:, reference:, train: and sweep: sections",
+                  "shortcut for reference.model (policy starts from it)",
+                  "key=value, e.g. sweep.grid.beta=[0.05,0.1] train.max_steps=20", _sweep)
 
     ev = _add_parser(sub, "eval", "win rate of policies against a baseline under judges")
     ev.add_argument("--config", help="YAML file with an `eval:` section (docs/eval.md)")

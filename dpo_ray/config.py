@@ -404,6 +404,96 @@ class EvalConfig:
         return _rewrite_kwargs(values, report_to_names)
 
 
+# Train fields a sweep cannot vary: each trial gets its own run directory under the sweep's.
+_NOT_SWEPT = {"output_dir", "run_name", "resume"}
+_DISTRIBUTIONS = {"uniform", "loguniform", "choice"}
+
+
+def _sweep_keys(ranges: dict) -> dict:
+    for key in ranges:
+        top = key.split(".")[0]
+        if top not in TrainConfig.__dataclass_fields__ or top in _NOT_SWEPT:
+            raise ValueError(f"{key!r} is not a train field a sweep can vary (a sweep varies train.* "
+                             "only: the data and reference stay fixed, so one cached reference serves "
+                             f"every trial; {', '.join(sorted(_NOT_SWEPT))} are set per trial)")
+    return ranges
+
+
+def _distribution(spec: dict) -> dict:
+    if len(spec) != 1 or next(iter(spec)) not in _DISTRIBUTIONS:
+        raise ValueError(f"{spec!r}: give exactly one of {sorted(_DISTRIBUTIONS)}, e.g. "
+                         "{loguniform: [1.0e-6, 1.0e-4]}")
+    (kind, values), = spec.items()
+    if kind != "choice":
+        if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or values[0] >= values[1]:
+            raise ValueError(f"{kind}: expected [low, high] numbers with low < high, got {values!r}")
+        if kind == "loguniform" and values[0] <= 0:
+            raise ValueError(f"loguniform: low must be > 0, got {values[0]!r}")
+    elif not values:
+        raise ValueError("choice: expected at least one value")
+    return spec
+
+
+@dataclass(config=STRICT)
+class SweepConfig:
+    """``dpo-ray sweep``: Ray Tune trials over ``train.*`` fields. Data and reference are shared
+    by every trial, so one cached reference pass serves them all.
+
+    Keys name train fields (``beta``, ``learning_rate``, ``peft.r``). Every combination of
+    ``grid`` is a trial; with ``random`` each combination is drawn ``num_samples`` times.
+    """
+
+    grid: Annotated[dict[str, Annotated[list[Any], Field(min_length=1)]],
+                    AfterValidator(_sweep_keys)] = dataclasses.field(default_factory=dict)  # field -> values; every combination is a trial
+    random: Annotated[dict[str, Annotated[dict[str, list[Any]], AfterValidator(_distribution)]],
+                      AfterValidator(_sweep_keys)] = dataclasses.field(default_factory=dict)  # field -> {uniform|loguniform: [low, high]} or {choice: [...]}
+    num_samples: PositiveInt = 1  # draws of `random` per grid combination (repeats when only `grid`)
+    metric: str = "eval_loss"  # the trials' last logged value of this picks the best one
+    mode: Literal["min", "max"] = "min"  # min: lower metric is better (losses); max: accuracies, margins
+    max_concurrent_trials: PositiveInt | None = None  # None = as many as the cluster's CPUs hold, one data task spare
+    name: str | None = None  # folder under train.output_dir; default: sweep-<timestamp>
+    search_seed: int = 0  # of the random draws (train.seed seeds each trial's training)
+
+    def __post_init__(self) -> None:
+        if not self.grid and not self.random:
+            raise ValueError("nothing to vary; give sweep.grid (e.g. sweep.grid.beta=[0.05,0.1]) "
+                             "or sweep.random")
+        both = set(self.grid) & set(self.random)
+        if both:
+            raise ValueError(f"{sorted(both)} in both grid and random")
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every combination of the grid values, as {field: value}."""
+        import itertools
+
+        keys = list(self.grid)
+        return [dict(zip(keys, values)) for values in itertools.product(*self.grid.values())]
+
+    def corner_points(self) -> list[dict[str, Any]]:
+        """Every grid combination with each random field at each end of its range (or each of its
+        choices): the settings a config check must accept before any trial runs."""
+        points = self.grid_points()
+        for key, spec in self.random.items():
+            (kind, values), = spec.items()
+            points = [{**p, key: v} for p in points for v in values]
+        return points
+
+
+def trial_train(train: TrainConfig, params: dict[str, Any], output_dir: str, run_name: str) -> TrainConfig:
+    """``train`` with a trial's values (dotted keys for nested fields, e.g. ``peft.r``), writing
+    its run to ``output_dir/run_name``. A value the field refuses is a ValueError naming it."""
+    tree = config_dict(train)
+    for key, value in params.items():
+        if "." in key and tree.get(key.split(".")[0]) is None:  # e.g. peft.r with LoRA off: turns it on
+            tree[key.split(".")[0]] = {}
+        _set_dotted(tree, key, value)
+    tree.update(output_dir=output_dir, run_name=run_name, resume=False)
+    try:
+        return build_config(TrainConfig, tree, section="train")
+    except ValueError as err:
+        raise ValueError(f"sweep trial {params}: {str(err).split('): ', 1)[-1]}") from None
+
+
 @dataclass(config=STRICT)
 class RunConfig:
     """A whole run: one section per stage, as in ``run.yaml``."""
@@ -412,11 +502,19 @@ class RunConfig:
     reference: ReferenceConfig
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig | None = None  # used by `dpo-ray pipeline` after training
+    sweep: SweepConfig | None = None  # used by `dpo-ray sweep`: train fields to vary
 
     def __post_init__(self) -> None:
         if self.data.eval_source is not None and self.train.eval_fraction > 0:
             raise ValueError("data.eval_source and train.eval_fraction both choose the held-out "
                              "pairs; set one")
+        if self.sweep is not None and self.sweep.metric.startswith("eval_") and not self.has_held_out:
+            raise ValueError(f"sweep.metric={self.sweep.metric} is a held-out metric, but the runs hold "
+                             "no pairs out: set train.eval_fraction or data.eval_source (or a "
+                             "training metric such as sweep.metric=loss)")
+        if self.sweep is not None:  # every trial's settings are checked now, before Ray starts
+            for point in self.sweep.corner_points():
+                trial_train(self.train, point, self.train.output_dir, "check")
 
     @property
     def has_held_out(self) -> bool:
@@ -502,9 +600,10 @@ def build_config(cls: type[C], tree: dict, origin: str = "no file", section: str
     except ValidationError as err:
         where = f"{section}." if section else ""
         problems = "; ".join(
-            f"{where}{'.'.join(str(p) for p in e['loc']) or '?'}: {e['msg'].removeprefix('Value error, ')}"
+            f"{where}{'.'.join(str(p) for p in e['loc']) + ': ' if e['loc'] else ''}"
+            f"{e['msg'].removeprefix('Value error, ')}"
             + (f" (got {e['input']!r})" if e["type"] != "missing"
-               and not isinstance(e.get("input"), (dict, list)) else "")
+               and not isinstance(e.get("input"), (dict, list, ArgsKwargs)) else "")
             for e in err.errors()
         )
         raise ValueError(f"invalid {cls.__name__} ({origin}): {problems}") from None

@@ -23,7 +23,7 @@ LAYERS = [
     {"reference"},
     {"training"},
     {"eval"},
-    {"pipeline", "recipes", "cli", "cli_fields", "__main__", "__init__"},  # jobs: wire the stages together
+    {"pipeline", "sweep", "recipes", "cli", "cli_fields", "__main__", "__init__"},  # jobs: wire the stages together
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

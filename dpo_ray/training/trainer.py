@@ -47,6 +47,7 @@ class TrainResult:
     metrics: list[dict]
     reference_key: str | None  # None for a reward model (no reference)
     tracking: TrackingPlan | None = None  # where train.report_to logged the run
+    reference_cache_hit: bool | None = None  # the reference values were read from the cache
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -184,7 +185,7 @@ def train(config: RunConfig, source=None) -> TrainResult:
     if t.objective == "reward_model":  # Bradley-Terry on the pairs themselves: no reference
         pairs, report = prepare_pairs(config.data, source)
         print(report.summary(), flush=True)
-        rows, reference_key, columns = report.pairs, None, PAIR_TRAIN_COLUMNS
+        rows, reference_key, columns, cache_hit = report.pairs, None, PAIR_TRAIN_COLUMNS, None
         if held_out is not None:
             held = prepare_pairs(held_out)[0]
     else:
@@ -192,6 +193,7 @@ def train(config: RunConfig, source=None) -> TrainResult:
         (run_dir / "reference.json").write_text(json.dumps(
             {"key": reference.key, "path": reference.path, "rows": reference.rows}, indent=2))
         pairs, rows, reference_key, columns = reference.dataset, reference.rows, reference.key, TRAIN_COLUMNS
+        cache_hit = reference.cache_hit
         if held_out is not None:
             held = ensure_reference(held_out, config.reference).dataset
     # Every worker iterates the whole dataset in the same order (see RankPairCollate in
@@ -290,4 +292,4 @@ def train(config: RunConfig, source=None) -> TrainResult:
                 tracker.log_artifact(artifact)
         tracker.close("FINISHED")
     print(f"run directory: {run_dir}\nfinal model: {final}", flush=True)
-    return TrainResult(run_dir, final, metrics, reference_key, tracking)
+    return TrainResult(run_dir, final, metrics, reference_key, tracking, cache_hit)
