@@ -59,30 +59,38 @@ def test_cli_refuses_a_run_without_sweep_section_or_held_out_pairs(tmp_path, cap
 
 
 @pytest.mark.slow
-def test_two_trial_sweep_scores_the_reference_once(ray_session, hh_path, tiny_llama, tmp_path, capsys):
-    """The CLI's sweep over two β values on the tiny model: one reference pass (on the driver, a
-    fresh cache), two trained runs that each read it from the cache, a results table with their
-    held-out metrics, and on this machine one trial at a time."""
+def test_sweep_scores_the_reference_once_and_reports_failed_trials(ray_session, hh_path, tiny_llama,
+                                                                   tmp_path, capsys):
+    """The CLI's sweep over two β values and two batch sizes on the tiny model: one reference pass
+    (on the driver, a fresh cache), two trained runs that each read it from the cache, two trials
+    whose global batch is larger than the training pairs (they fail in the trial: no silent
+    drop), a results table with every trial, and on this machine one trial at a time."""
     from helpers import STEPS, run_config
 
     config = run_config(hh_path, tiny_llama, tmp_path, None, tmp_path / "cache",
                         **{**STEPS, "max_steps": 2, "eval_steps": 0})
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({k: v for k, v in config_dict(config).items() if v is not None}))
-    assert main(["sweep", "--config", str(path), "sweep.grid.beta=[0.1,0.5]", "sweep.name=betas"]) == 0
-    out = capsys.readouterr().out
+    code = main(["sweep", "--config", str(path), "sweep.grid.beta=[0.1,0.5]",
+                 "sweep.grid.per_device_train_batch_size=[2,64]", "sweep.name=betas"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "error: 2 of 4 sweep trials failed" in err
     sweep_dir = tmp_path / "runs" / "betas"
-    assert json.loads(out.strip().splitlines()[-1])["best"]["trial"] in ("trial-000", "trial-001")
 
     summary = json.loads((sweep_dir / "sweep.json").read_text())
+    assert (summary["trials"], summary["done"], summary["failed"]) == (4, 2, 2)
     assert summary["reference"]["scoring_passes"] == 1
     assert summary["reference"]["scoring_passes_saved"] == 1
     assert "[sweep] reference values computed 1x for 2 trials (1 scoring passes saved)" in out
     assert len(list((tmp_path / "cache").glob("*/manifest.json"))) == 1
 
     table = pd.read_csv(sweep_dir / "results.csv")
-    assert table["trial"].tolist() == ["trial-000", "trial-001"]
-    assert table["status"].tolist() == ["done", "done"]
+    assert table["trial"].tolist() == [f"trial-00{i}" for i in range(4)]
+    failed = table[table["status"] == "error"]
+    assert failed["per_device_train_batch_size"].tolist() == [64, 64]
+    assert failed["error"].str.contains("less than one global batch").all()
+    table = table[table["status"] == "done"]
     assert sorted(table["beta"]) == [0.1, 0.5]
     assert table["reference_cache_hit"].all()  # each trial found the driver's pass in the cache
     assert table["step"].tolist() == [2, 2]
@@ -95,7 +103,8 @@ def test_two_trial_sweep_scores_the_reference_once(ray_session, hh_path, tiny_ll
         last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
         assert last["eval_loss"] == pytest.approx(row["eval_loss"])
     best = table.loc[table["eval_loss"].idxmin()]
-    assert summary["best"]["trial"] == best["trial"] and summary["best"]["values"] == {"beta": best["beta"]}
+    assert summary["best"]["trial"] == best["trial"]
+    assert summary["best"]["values"]["beta"] == best["beta"]
 
     if ray_session.cluster_resources()["CPU"] < 5:  # 2 workers x 1 CPU + a data task: one at a time
         assert summary["max_concurrent_trials"] == 1
