@@ -64,23 +64,29 @@ def summary_metrics(summary: dict) -> dict[str, float]:
         where = "/".join([Path(r["policy"]).name] * several + [r["judge"]])
         where = re.sub(r"[^A-Za-z0-9_\-. /]", "_", where)  # the characters MLflow allows in a key
         for key in ("win_rate", "ci_low", "ci_high", "kl_to_reference", "policy_mean_score",
-                    "baseline_mean_score", "policy_mean_tokens"):
+                    "baseline_mean_score", "policy_mean_tokens", "policy_truncated"):
             if r.get(key) is not None:
                 out[f"eval/{where}/{key}"] = r[key]
     return out
 
 
 def results_table(results: list[dict]) -> str:
-    lines = ["| policy | judge | win rate | CI | W / T / L | policy / baseline tokens | KL (nats) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| policy | judge | win rate | CI | W / T / L | policy / baseline tokens | "
+             "cut at max_new_tokens (policy / baseline) | KL (nats) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         base = f"{r['baseline_mean_tokens']:.1f}" if r["baseline_mean_tokens"] is not None else \
             f"{r['baseline_mean_chars']:.0f} chars"
         kl = f"{r['kl_to_reference']:.3f}" if r["kl_to_reference"] is not None else "n/a"
         lines.append(f"| {r['policy']} | {r['judge']} | {r['win_rate']:.3f} | "
                      f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['wins']} / {r['ties']} / "
-                     f"{r['losses']} | {r['policy_mean_tokens']:.1f} / {base} | {kl} |")
+                     f"{r['losses']} | {r['policy_mean_tokens']:.1f} / {base} | "
+                     f"{_share(r.get('policy_truncated'))} / {_share(r.get('baseline_truncated'))} | {kl} |")
     return "\n".join(lines)
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
 
 
 def _short(text: str, n: int = 160) -> str:

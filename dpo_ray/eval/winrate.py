@@ -173,6 +173,10 @@ def evaluate(config: EvalConfig) -> EvalResult:
                 "policy_mean_tokens": float(pairs["response_tokens"].mean()),
                 "baseline_mean_tokens": _mean(pairs["response_tokens_baseline"]),
                 "policy_mean_chars": float(pairs["policy_response"].str.len().mean()),
+                # cut at max_new_tokens, not ended by EOS: a share that differs between policy and
+                # baseline makes length, not content, a candidate reason for a win
+                "policy_truncated": _cut_share(samples),
+                "baseline_truncated": _cut_share(baseline),
                 "baseline_mean_chars": float(pairs["baseline_response"].str.len().mean()),
                 "kl_to_reference": kl,
             })
@@ -210,6 +214,14 @@ def track_eval(tracker: Tracker, summary: dict, eval_dir: Path, step: int = 0) -
     tracker.close("FINISHED")
 
 
+def _cut_share(samples: pd.DataFrame) -> float | None:
+    """Share of samples that hit max_new_tokens (None for a baseline without token ids, e.g.
+    given responses)."""
+    if "finished" not in samples or samples["finished"].isna().all():
+        return None
+    return float(1.0 - samples["finished"].astype(bool).mean())
+
+
 def _mean(series: pd.Series) -> float | None:
     value = pd.to_numeric(series, errors="coerce").mean()
     return None if pd.isna(value) else float(value)
@@ -225,4 +237,6 @@ def _line(r: dict) -> str:
     kl = f", KL {r['kl_to_reference']:.3f} nats" if r["kl_to_reference"] is not None else ""
     return (f"eval: {r['policy']} vs {r['baseline']} under {r['judge']}: win rate "
             f"{r['win_rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
-            f"(W/T/L {r['wins']}/{r['ties']}/{r['losses']}){kl}")
+            f"(W/T/L {r['wins']}/{r['ties']}/{r['losses']}){kl}"
+            + (f", {r['policy_truncated']:.0%} of policy samples cut at max_new_tokens"
+               if r.get("policy_truncated") is not None else ""))
