@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -32,45 +37,110 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+CLUSTER = REPO / "cluster.yaml"
+TOKEN_FILE = "~/.ray/auth_token"  # where `ray get-auth-token --generate` writes, on any machine
+
+
+def _ports() -> list[str]:
+    """Every port a node opens, free ones: three nodes (and the test session's Ray) on one machine."""
+    flags = ("--object-manager-port", "--node-manager-port", "--dashboard-agent-listen-port",
+             "--metrics-export-port", "--runtime-env-agent-port", "--dashboard-agent-grpc-port")
+    return [part for flag in flags for part in (flag, str(_free_port()))]
+
+
+def _local_command(command: str, gcs_port: int) -> str:
+    """A start command of cluster.yaml, run on this machine: the head's address and port are
+    local ones, every other port is chosen per node (_ports), and the autoscaler's bootstrap file
+    (which `ray up` writes on a real head) is left out."""
+    command = " ".join(command.split())
+    command = command.replace("$RAY_HEAD_IP:6379", f"127.0.0.1:{gcs_port}")
+    command = command.replace("--port=6379", f"--port={gcs_port}")
+    command = re.sub(r" --object-manager-port=\d+", "", command)
+    return re.sub(r" --autoscaling-config=\S+", "", command)
+
+
+def _node_env(home: Path) -> dict:
+    """A node's environment: its own home, no token in the environment, Ray's CLI on PATH."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("RAY_AUTH") and k not in ("RAY_ADDRESS", "HOME")}
+    return dict(env, HOME=str(home), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+
+
+def _start(command: str, home: Path, temp: Path, cpus: int, resources: dict, extra=()) -> subprocess.CompletedProcess:
+    home.mkdir(parents=True, exist_ok=True)
+    args = ["--temp-dir", str(temp), "--num-cpus", str(cpus), "--disable-usage-stats",
+            *_ports(), *extra] + (["--resources", json.dumps(resources)] if resources else [])
+    return subprocess.run(["bash", "-c", f"{command} {' '.join(map(shlex.quote, args))}"],
+                          env=_node_env(home), capture_output=True, text=True, timeout=180, check=False)
+
+
+def _hand_token(laptop: Path, node_home: Path) -> None:
+    """What cluster.yaml's file_mounts does: the laptop's token file to the same path on a node."""
+    mounts = yaml.safe_load(CLUSTER.read_text())["file_mounts"]
+    remote = next(r for r, local in mounts.items() if local == TOKEN_FILE)
+    target = node_home / remote.removeprefix("~/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(laptop / TOKEN_FILE.removeprefix("~/"), target)
+
+
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """A real head node (its own ports, dashboard bound to 127.0.0.1, token auth) with the custom
-    resources cluster.yaml's node groups advertise; stopped at the end."""
-    env = dict(os.environ, RAY_AUTH_MODE="token",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.pop("RAY_ADDRESS", None)
-    dashboard, gcs = _free_port(), _free_port()
-    ports = ["--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-             "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port",
-             str(_free_port()), "--metrics-export-port", str(_free_port()),
-             "--runtime-env-agent-port", str(_free_port()), "--dashboard-agent-grpc-port",
-             str(_free_port())]
-    temp = tmp_path_factory.mktemp("head")
-    started = subprocess.run(
-        [RAY, "start", "--head", "--num-cpus", "4", *ports, "--disable-usage-stats",
-         "--resources", json.dumps({"dpo_score": 4, "dpo_train": 4}), "--temp-dir", str(temp)],
-        env=env, capture_output=True, text=True, timeout=180, check=False)
-    assert started.returncode == 0, started.stdout + started.stderr
-    address = f"http://127.0.0.1:{dashboard}"
+def cluster(tmp_path_factory):
+    """A head and two worker nodes started by cluster.yaml's own start commands, each with a fresh
+    home and its own temp dir: the token is made on a "laptop" home (`ray get-auth-token
+    --generate`) and handed to every node as cluster.yaml's file_mounts hands it. The head
+    advertises what cluster.yaml's head type does (0 CPUs); the workers carry the `dpo_score` and
+    `dpo_train` resources of the cpu_score and gpu_train types (4 each, so that one node holds
+    every actor of its kind here). Yields the dashboard address, the laptop's environment (for
+    `ray job submit`) and the token; stops only these nodes."""
+    root = tmp_path_factory.mktemp("cluster")
+    config = yaml.safe_load(CLUSTER.read_text())
+    types = config["available_node_types"]
+    laptop = root / "laptop-home"
+    laptop.mkdir()
+    made = subprocess.run([RAY, "get-auth-token", "--generate"], env=_node_env(laptop),
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert made.returncode == 0, made.stderr
+    token = (laptop / TOKEN_FILE.removeprefix("~/")).read_text().strip()
+    gcs, dashboard = _free_port(), _free_port()
+    # Short temp dirs: a node's socket paths live under them, and AF_UNIX allows 107 bytes.
+    temps = [Path(tempfile.mkdtemp(prefix=f"dpo-{name}-", dir="/tmp")) for name in ("head", "score", "train")]
     try:
-        yield address, env
+        homes = {}
+        for name in ("head", "score", "train"):
+            homes[name] = root / name / "home"
+            _hand_token(laptop, homes[name])
+        (head_cmd,) = [c for c in config["head_start_ray_commands"] if c.strip() != "ray stop"]
+        started = _start(_local_command(head_cmd, gcs), homes["head"], temps[0],
+                         types[config["head_node_type"]]["resources"]["CPU"], {},
+                         ["--dashboard-port", str(dashboard), "--ray-client-server-port", str(_free_port())])
+        assert started.returncode == 0, started.stdout + started.stderr
+        (worker_cmd,) = [c for c in config["worker_start_ray_commands"] if c.strip() != "ray stop"]
+        for name, temp, node_type in (("score", temps[1], "cpu_score"), ("train", temps[2], "gpu_train")):
+            resources = {key: 4 for key in types[node_type]["resources"]}
+            joined = _start(_local_command(worker_cmd, gcs), homes[name], temp, 2, resources)
+            assert joined.returncode == 0, joined.stdout + joined.stderr
+        env = dict(_node_env(laptop), RAY_AUTH_MODE="token")
+        yield f"http://127.0.0.1:{dashboard}", env, token
+    finally:
+        for temp in temps:
+            _stop_head(temp)
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_fresh_node_without_the_token_does_not_start(tmp_path):
+    """Why cluster.yaml hands the token out: cluster.yaml's head command on a home with no token
+    file (and none in the environment) stops with Ray's AuthenticationError."""
+    config = yaml.safe_load(CLUSTER.read_text())
+    (head_cmd,) = [c for c in config["head_start_ray_commands"] if c.strip() != "ray stop"]
+    temp = Path(tempfile.mkdtemp(prefix="dpo-notoken-", dir="/tmp"))
+    try:
+        started = _start(_local_command(head_cmd, _free_port()), tmp_path / "home", temp, 0, {},
+                         ["--dashboard-port", str(_free_port()), "--ray-client-server-port", str(_free_port())])
     finally:
         _stop_head(temp)
-
-
-def _stop_head(temp: Path) -> None:
-    """Stop this head only. `ray stop` would kill every Ray on the machine, including the test
-    session's own instance (and with it the pytest process, whose driver dies with its raylet).
-    The head's daemons and workers all carry its temp dir on their command line."""
-    import psutil
-
-    mine = [p for p in psutil.process_iter(["cmdline"])
-            if any(str(temp) in arg for arg in (p.info["cmdline"] or []))]
-    for process in mine:
-        process.terminate()
-    _, alive = psutil.wait_procs(mine, timeout=15)
-    for process in alive:
-        process.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+    assert started.returncode != 0
+    assert "no authentication token was found" in started.stdout + started.stderr
 
 
 def _submit(address, env, job_id, config_path) -> None:
@@ -83,18 +153,55 @@ def _submit(address, env, job_id, config_path) -> None:
     assert got.returncode == 0, got.stdout + got.stderr
 
 
-def _wait(address, job_id, timeout=900) -> tuple[str, str]:
-    """Poll with Ray's Python job API (the CLI's status line is for humans)."""
-    from ray.job_submission import JobSubmissionClient
+def _stop_head(temp: Path) -> None:
+    """Stop the node started with this temp dir only. `ray stop` would kill every Ray on the
+    machine, including the test session's own instance (and with it the pytest process, whose
+    driver dies with its raylet). A node's daemons and workers all carry its temp dir on their
+    command line."""
+    import psutil
 
-    client = JobSubmissionClient(address)
+    mine = [p for p in psutil.process_iter(["cmdline"])
+            if any(str(temp) in arg for arg in (p.info["cmdline"] or []))]
+    for process in mine:
+        process.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=15)
+    for process in alive:
+        process.kill()
+
+
+def _get(address: str, path: str, token: str) -> dict:
+    """The job server's REST API with the cluster's token (the laptop's, not this session's)."""
+    request = urllib.request.Request(f"{address}{path}", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _wait(address, token, job_id, timeout=900) -> tuple[str, str]:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        status = client.get_job_status(job_id)
-        if status.is_terminal():
-            return str(status.value), client.get_job_logs(job_id)
+        status = _get(address, f"/api/jobs/{job_id}", token)["status"]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status, _get(address, f"/api/jobs/{job_id}/logs", token)["logs"]
         time.sleep(3)
     raise TimeoutError(f"job {job_id} did not finish in {timeout} s")
+
+
+def _where(env: dict, address: str) -> dict[str, set[str]]:
+    """Actor class name -> the custom resources of the nodes its actors ran on (Ray's state API,
+    through the CLI with the laptop's token: dead actors are listed too)."""
+    def listed(kind: str) -> list[dict]:
+        got = subprocess.run([RAY, "list", kind, "--address", address, "--detail", "--format", "json",
+                              "--limit", "10000"], env=env, capture_output=True, text=True,
+                             timeout=120, check=False)
+        assert got.returncode == 0, got.stdout + got.stderr
+        return json.loads(got.stdout)
+
+    nodes = {n["node_id"]: ",".join(sorted(k for k in n["resources_total"] if k.startswith("dpo_"))) or "head"
+             for n in listed("nodes")}
+    where: dict[str, set[str]] = {}
+    for actor in listed("actors"):
+        where.setdefault(actor["class_name"], set()).add(nodes.get(actor["node_id"], "?"))
+    return where
 
 
 def _pipeline_config(tmp_path, hh_path, tiny_llama, source=None) -> Path:
@@ -120,12 +227,12 @@ def _pipeline_config(tmp_path, hh_path, tiny_llama, source=None) -> Path:
     return path
 
 
-def test_two_jobs_on_a_real_head_node_one_succeeds_one_fails_with_its_reason(
-        head, hh_path, tiny_llama, tmp_path, monkeypatch):
-    """Submitted together, as users share a cluster: the pipeline job on good data succeeds, the
-    one given a bad row ends FAILED with file, row and reason in its logs."""
-    address, env = head
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the job API client, as the CLI
+def test_two_jobs_on_a_three_node_cluster_one_succeeds_one_fails_with_its_reason(
+        cluster, hh_path, tiny_llama, tmp_path, monkeypatch):
+    """Submitted together from the "laptop", as users share a cluster: the pipeline job on good
+    data succeeds with its reference actors on the dpo_score node and its train workers on the
+    dpo_train node; the one given a bad row ends FAILED with file, row and reason in its logs."""
+    address, env, token = cluster
     bad = tmp_path / "bad" / "bad.jsonl"
     bad.parent.mkdir()
     bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
@@ -133,12 +240,18 @@ def test_two_jobs_on_a_real_head_node_one_succeeds_one_fails_with_its_reason(
     _submit(address, env, "dpo-pipeline-ok", _pipeline_config(tmp_path, hh_path, tiny_llama))
     _submit(address, env, "dpo-pipeline-bad", _pipeline_config(bad.parent, hh_path, tiny_llama, bad))
 
-    state, logs = _wait(address, "dpo-pipeline-bad", timeout=300)
+    state, logs = _wait(address, token, "dpo-pipeline-bad", timeout=300)
     assert state == "FAILED"
     assert "bad.jsonl, row 2: missing_field" in logs, logs[-3000:]
 
-    state, logs = _wait(address, "dpo-pipeline-ok")
+    state, logs = _wait(address, token, "dpo-pipeline-ok")
     assert state == "SUCCEEDED", logs[-4000:]
+    where = _where(env, address)
+    for name, nodes in sorted(where.items()):
+        print(f"{name}: ran on {sorted(nodes)}")
+    assert where["RayTrainWorker"] == {"dpo_train"}
+    assert where["MapWorker(MapBatches(ReferenceScorer))"] == {"dpo_score"}
+    assert where["MapWorker(MapBatches(Generator))"] == {"dpo_score"}
     run_dir = tmp_path / "runs" / "job"
     summary = json.loads((run_dir / "pipeline.json").read_text())
     manifest = Path(summary["reference_cache"].removeprefix("file://")) / "manifest.json"
