@@ -14,34 +14,15 @@ TextBlob (never trained on). See dpo_ray/recipes/sentiment.py and the README for
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
-from dpo_ray.cli import report_user_errors
-from dpo_ray.console import VERBOSE_ENV
-from dpo_ray.recipes.sentiment import SIZES, run, sized
+from dpo_ray.recipes.sentiment import SIZES, SentimentConfig, job_main, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(Path(__file__).with_name("sentiment.yaml")),
-                        help="YAML with SentimentConfig fields (default: jobs/sentiment.yaml)")
-    parser.add_argument("--size", default="default", choices=sorted(SIZES),
-                        help="changes applied over the YAML (quick: the same path in minutes)")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show Ray's own logs and every worker's output (DPO_RAY_VERBOSE=1)")
-    parser.add_argument("overrides", nargs="*", help="key=value for SentimentConfig fields")
-    args = parser.parse_args(argv)
-    if args.verbose:
-        os.environ[VERBOSE_ENV] = "1"
-
-    def main_job() -> int:
-        run(sized(args.size, args.overrides, args.config))
-        return 0
-
-    return report_user_errors(main_job)  # bad settings and data: one line, exit 2
+    return job_main(argv, __doc__, SentimentConfig, SIZES, run,
+                    default_config=str(Path(__file__).with_name("sentiment.yaml")))
 
 
 if __name__ == "__main__":

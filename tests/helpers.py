@@ -24,6 +24,17 @@ def records_batch(rows: list[dict], source_file: str = "mem.jsonl") -> pa.Table:
     return _records_table(source_file, [(i, _canonical(r), None) for i, r in enumerate(rows, 1)])
 
 
+def load_job(name: str):
+    """A script under jobs/ as a module (its ``main(argv)`` is what the README runs)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"dpo_job_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def own_ray_processes(fragment: str) -> list:
     """Processes whose command line contains ``fragment`` and that this test session's Ray
     started (descendants of its raylet): a test must never touch another Ray on the machine."""

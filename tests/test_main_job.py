@@ -3,31 +3,22 @@ jobs/main.py as the README runs it, on the real SmolLM2 and the real Pang & Lee 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from helpers import load_job
 
 # Whole jobs on the real model / a second head node: the full suite only.
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _main_module():
-    spec = importlib.util.spec_from_file_location("dpo_main_job", REPO / "jobs" / "main.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quick_main_job_runs_two_rounds_and_reports(ray_session, smollm2, tmp_path, capsys):
     # Its own reference cache: every round's values are computed here, whatever ~/.cache holds.
-    assert _main_module().main(["--size", "quick", f"output_dir={tmp_path}",
+    assert load_job("main").main(["--size", "quick", f"output_dir={tmp_path}",
                                 f"reference_cache_dir={tmp_path / 'cache'}"]) == 0
     printed = capsys.readouterr().out
     (out,) = list(tmp_path.glob("sentiment-*"))

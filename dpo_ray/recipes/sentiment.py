@@ -85,13 +85,13 @@ SIZES = {
 
 
 def sized(size: str = "default", overrides: list[str] | None = None,
-          path: str | Path | None = None) -> SentimentConfig:
-    """The defaults here, the YAML at ``path`` over them (``jobs/sentiment.yaml`` lists every
+          path: str | Path | None = None, cls: type = SentimentConfig, sizes: dict = SIZES):
+    """The defaults of ``cls``, the YAML at ``path`` over them (``jobs/sentiment.yaml`` lists every
     field), the named size's changes, then ``key=value`` overrides (``rounds=3``, ``train.beta=0.2``)."""
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
-    tree = merge_trees(asdict(SentimentConfig()), read_yaml(path) if path else {})
-    return load_config(SentimentConfig, overrides=overrides, defaults=merge_trees(tree, SIZES[size]))
+    if size not in sizes:
+        raise ValueError(f"unknown size {size!r}; choose from {sorted(sizes)}")
+    tree = merge_trees(asdict(cls()), read_yaml(path) if path else {})
+    return load_config(cls, overrides=overrides, defaults=merge_trees(tree, sizes[size]))
 
 
 def pang_lee_sentences() -> Path:
@@ -187,9 +187,13 @@ class _ScoreSamples:
 
 def best_vs_worst(samples: pd.DataFrame, min_gap: float) -> tuple[list[dict], dict]:
     """Per prompt: the highest-scoring sample is chosen, the lowest rejected (conversational rows
-    for the data stage, scores kept). Returns rows and counts (pairs, skipped near-ties/duplicates)."""
+    for the data stage, scores kept). Returns rows and counts (pairs, skipped near-ties/duplicates
+    and prompts with fewer than two non-empty samples, empty samples left out)."""
     rows, near_ties = [], 0
-    for _, group in samples.groupby("prompt_id", sort=False):
+    # A sample that is empty (the model ended at once) is no response to prefer or reject: the
+    # data stage refuses such a pair, so it never becomes best or worst.
+    empty = samples["response"].str.strip() == ""
+    for _, group in samples[~empty].groupby("prompt_id", sort=False):
         group = group.sort_values("score", kind="stable")
         worst, best = group.iloc[0], group.iloc[-1]
         if best.score - worst.score < min_gap or best.response.strip() == worst.response.strip():
@@ -199,27 +203,105 @@ def best_vs_worst(samples: pd.DataFrame, min_gap: float) -> tuple[list[dict], di
                      "chosen": [{"role": "assistant", "content": best.response}],
                      "rejected": [{"role": "assistant", "content": worst.response}],
                      "score_chosen": float(best.score), "score_rejected": float(worst.score)})
-    return rows, {"pairs": len(rows), "skipped_near_ties": near_ties}
+    return rows, {"pairs": len(rows), "skipped_near_ties": near_ties, "empty_samples": int(empty.sum())}
 
 
-def run(config: SentimentConfig) -> Path:
-    """The whole experiment; returns the report's path."""
+def round_pairs(policy: str, prompts: list[list[dict]], config: SentimentConfig, seed: int,
+                folder: Path, what: str, max_pairs: int | None = None) -> tuple[dict, float]:
+    """Sample, score and pair (best vs worst) into ``folder``: ``samples.parquet`` and
+    ``pairs.jsonl`` (the first ``max_pairs`` pairs in prompt order, when given). Returns the pair
+    counts and the mean training-judge score of the samples."""
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = sample_and_score(policy, prompts, config, seed=seed)
+    samples.drop(columns=["prompt_input_ids", "response_input_ids"]).to_parquet(folder / "samples.parquet")
+    pairs, counts = best_vs_worst(samples, config.min_score_gap)
+    if max_pairs is not None:
+        if len(pairs) < max_pairs:
+            raise ValueError(f"{what}: {len(pairs)} pairs ({counts['skipped_near_ties']} near-ties "
+                             f"skipped), fewer than the {max_pairs} each round needs: lower "
+                             "pairs_per_round or min_score_gap, or add prompts")
+        pairs, counts = pairs[:max_pairs], dict(counts, pairs=max_pairs, unused=len(pairs) - max_pairs)
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    mean_score = float(samples["score"].mean())
+    print(f"{what}: mean {config.train_judge.name} score of the policy's samples {mean_score:.3f}; "
+          f"{counts['pairs']} pairs, {counts['skipped_near_ties']} near-ties skipped"
+          + (f", {counts['empty_samples']} empty samples left out" if counts["empty_samples"] else ""),
+          flush=True)
+    return counts, mean_score
+
+
+def dpo_run_config(config: SentimentConfig, pairs: Path, tokenizer: str, reference: str,
+                   train: TrainConfig) -> RunConfig:
+    """A round's data, reference and training settings for its ``pairs.jsonl``."""
+    return RunConfig(
+        data=DataConfig(source=str(pairs), tokenizer=tokenizer, format="conversational",
+                        max_length=config.max_length, max_prompt_length=config.max_prompt_length),
+        reference=ReferenceConfig(model=reference, batch_size=config.reference_batch_size,
+                                  pool=config.reference_pool, cache_dir=config.reference_cache_dir),
+        train=train)
+
+
+def start_experiment(config: SentimentConfig, name: str) -> tuple[Path, str, list, list]:
+    """Checks the judges' packages, makes ``<output_dir>/<name>-<time>/`` with the config and the
+    held-out prompts in it, starts Ray. Returns (folder, original model, train and held-out prompts)."""
     from dpo_ray.assets import smollm2_path
-    from dpo_ray.eval import evaluate
     from dpo_ray.eval.judges import check_function_judges
     from dpo_ray.ray_env import init_ray
-    from dpo_ray.training import train
 
     check_function_judges([config.train_judge, config.check_judge])  # the [demo] extra
-    started = time.perf_counter()
-    out = local_dir(config.output_dir, "output_dir") / time.strftime("sentiment-%Y%m%d-%H%M%S")
+    out = local_dir(config.output_dir, "output_dir") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
-    save_config(config, out / "sentiment_config.yaml")
+    save_config(config, out / f"{name}_config.yaml")
     initial = config.model or str(smollm2_path())
     init_ray()
     train_prompts, held_prompts = read_prompts(config)
     (out / "held_out_prompts.jsonl").write_text(
         "".join(json.dumps({"prompt": p}) + "\n" for p in held_prompts))
+    return out, initial, train_prompts, held_prompts
+
+
+def eval_judges(config: SentimentConfig) -> list[JudgeConfig]:
+    """The training judge and the judge never trained on, labelled as the reports name them."""
+    return [replace(config.train_judge, label=config.train_judge.label or f"{config.train_judge.name} (trained on)"),
+            replace(config.check_judge, label=config.check_judge.label or f"{config.check_judge.name} (held-out judge)")]
+
+
+def job_main(argv: list[str] | None, doc: str, cls: type, sizes: dict, run,
+             default_config: str | None = None) -> int:
+    """A recipe's command line (jobs/main.py, jobs/frontier.py): ``--config``, ``--size``,
+    ``--verbose`` and ``key=value`` overrides of ``cls``; bad settings print one line, exit 2."""
+    import argparse
+    import os
+
+    from dpo_ray.cli import report_user_errors
+    from dpo_ray.console import VERBOSE_ENV
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--config", default=default_config,
+                        help=f"YAML with {cls.__name__} fields (default: {default_config or 'none'})")
+    parser.add_argument("--size", default="default", choices=sorted(sizes),
+                        help="changes applied over the YAML (quick: the same path in minutes)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own logs and every worker's output (DPO_RAY_VERBOSE=1)")
+    parser.add_argument("overrides", nargs="*", help=f"key=value for {cls.__name__} fields")
+    args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
+
+    def job() -> int:
+        run(sized(args.size, args.overrides, args.config, cls, sizes))
+        return 0
+
+    return report_user_errors(job)
+
+
+def run(config: SentimentConfig) -> Path:
+    """The whole experiment; returns the report's path."""
+    from dpo_ray.eval import evaluate
+    from dpo_ray.training import train
+
+    started = time.perf_counter()
+    out, initial, train_prompts, held_prompts = start_experiment(config, "sentiment")
     step = _progress(started, 3 * config.rounds + 1)
     print(f"{len(train_prompts)} training prompts, {len(held_prompts)} held out; model {initial}",
           flush=True)
@@ -229,22 +311,13 @@ def run(config: SentimentConfig) -> Path:
         folder = out / f"round_{r}"
         folder.mkdir()
         step(f"round {r}: sampling {config.samples_per_prompt} per prompt from {Path(policy).name}")
-        samples = sample_and_score(policy, train_prompts, config, seed=config.generation.seed + r)
-        samples.drop(columns=["prompt_input_ids", "response_input_ids"]).to_parquet(folder / "samples.parquet")
-        pairs, counts = best_vs_worst(samples, config.min_score_gap)
-        (folder / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-        mean_score = float(samples["score"].mean())
-        print(f"round {r}: mean {config.train_judge.name} score of the policy's samples {mean_score:.3f}; "
-              f"{counts['pairs']} pairs, {counts['skipped_near_ties']} near-ties skipped", flush=True)
+        counts, mean_score = round_pairs(policy, train_prompts, config, config.generation.seed + r,
+                                         folder, f"round {r}")
 
         step(f"round {r}: reference values (reference {Path(reference).name}) and DPO")
-        run_config = RunConfig(
-            data=DataConfig(source=str(folder / "pairs.jsonl"), tokenizer=initial, format="conversational",
-                            max_length=config.max_length, max_prompt_length=config.max_prompt_length),
-            reference=ReferenceConfig(model=reference, batch_size=config.reference_batch_size,
-                                      pool=config.reference_pool, cache_dir=config.reference_cache_dir),
-            train=replace(config.train, model=policy, output_dir=str(out), run_name=f"round_{r}/dpo"))
-        result = train(run_config)
+        result = train(dpo_run_config(config, folder / "pairs.jsonl", initial, reference,
+                                      replace(config.train, model=policy, output_dir=str(out),
+                                              run_name=f"round_{r}/dpo")))
         last = result.metrics[-1]
         rounds.append({"round": r, "policy": str(result.run_dir), "reference": reference,
                        "sample_mean_score": mean_score, **counts,
@@ -256,8 +329,7 @@ def run(config: SentimentConfig) -> Path:
         step(f"round {r} done")
 
     step("evaluating every round's policy on held-out prompts against the original model")
-    judges = [replace(config.train_judge, label=config.train_judge.label or f"{config.train_judge.name} (trained on)"),
-              replace(config.check_judge, label=config.check_judge.label or f"{config.check_judge.name} (held-out judge)")]
+    judges = eval_judges(config)
     result = evaluate(EvalConfig(
         prompts=str(out / "held_out_prompts.jsonl"), policies=[r["policy"] for r in rounds],
         reference=initial, baseline="reference", judges=judges, output_dir=str(out), name="eval",
