@@ -122,8 +122,8 @@ def cluster(tmp_path_factory):
         env = dict(_node_env(laptop), RAY_AUTH_MODE="token")
         yield f"http://127.0.0.1:{dashboard}", env, token
     finally:
+        _stop_head(*temps)
         for temp in temps:
-            _stop_head(temp)
             shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -153,15 +153,15 @@ def _submit(address, env, job_id, config_path) -> None:
     assert got.returncode == 0, got.stdout + got.stderr
 
 
-def _stop_head(temp: Path) -> None:
-    """Stop the node started with this temp dir only. `ray stop` would kill every Ray on the
-    machine, including the test session's own instance (and with it the pytest process, whose
-    driver dies with its raylet). A node's daemons and workers all carry its temp dir on their
-    command line."""
+def _stop_head(*temps: Path) -> None:
+    """Stop the nodes started with these temp dirs only (all at once: one wait, not one per node).
+    `ray stop` would kill every Ray on the machine, including the test session's own instance
+    (and with it the pytest process, whose driver dies with its raylet). A node's daemons and
+    workers all carry its temp dir on their command line."""
     import psutil
 
     mine = [p for p in psutil.process_iter(["cmdline"])
-            if any(str(temp) in arg for arg in (p.info["cmdline"] or []))]
+            if any(str(temp) in arg for temp in temps for arg in (p.info["cmdline"] or []))]
     for process in mine:
         process.terminate()
     _, alive = psutil.wait_procs(mine, timeout=15)
