@@ -320,6 +320,11 @@ class TrainConfig:
             raise ValueError("train.lr_scheduler_type=constant ignores warmup (as in transformers); "
                              "use constant_with_warmup to warm up")
 
+    @property
+    def global_batch_size(self) -> int:
+        """Pairs per optimizer step over all workers."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_workers
+
     def num_warmup_steps(self, total_steps: int) -> int:
         """``warmup_steps`` as a step count for a run of ``total_steps`` (a share is rounded up,
         as transformers rounds ``warmup_ratio``)."""

@@ -122,7 +122,7 @@ def cluster(tmp_path_factory):
         env = dict(_node_env(laptop), RAY_AUTH_MODE="token")
         yield f"http://127.0.0.1:{dashboard}", env, token
     finally:
-        _stop_head(*temps)
+        _stop_nodes(*temps)
         for temp in temps:
             shutil.rmtree(temp, ignore_errors=True)
 
@@ -137,7 +137,7 @@ def test_a_fresh_node_without_the_token_does_not_start(tmp_path):
         started = _start(_local_command(head_cmd, _free_port()), tmp_path / "home", temp, 0, {},
                          ["--dashboard-port", str(_free_port()), "--ray-client-server-port", str(_free_port())])
     finally:
-        _stop_head(temp)
+        _stop_nodes(temp)
         shutil.rmtree(temp, ignore_errors=True)
     assert started.returncode != 0
     assert "no authentication token was found" in started.stdout + started.stderr
@@ -153,7 +153,7 @@ def _submit(address, env, job_id, config_path) -> None:
     assert got.returncode == 0, got.stdout + got.stderr
 
 
-def _stop_head(*temps: Path) -> None:
+def _stop_nodes(*temps: Path) -> None:
     """Stop the nodes started with these temp dirs only (all at once: one wait, not one per node).
     `ray stop` would kill every Ray on the machine, including the test session's own instance
     (and with it the pytest process, whose driver dies with its raylet). A node's daemons and

@@ -63,15 +63,13 @@ class FrontierConfig(SentimentConfig):
         if t.lr_scheduler_type != "constant":
             raise ValueError("train.lr_scheduler_type must be constant: the iterative arm's first "
                              "round is the offline run's first epoch, which a decaying schedule would change")
-        batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_workers
-        if self.pairs_per_round % batch:
+        if self.pairs_per_round % t.global_batch_size:
             raise ValueError(f"pairs_per_round={self.pairs_per_round} is not a multiple of the global "
-                             f"batch ({batch}): both arms must train on every pair they are given")
+                             f"batch ({t.global_batch_size}): both arms must train on every pair they are given")
 
     @property
     def steps_per_round(self) -> int:
-        t = self.train
-        return self.pairs_per_round // (t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_workers)
+        return self.pairs_per_round // self.train.global_batch_size
 
 
 TRAIN_BETA = SentimentConfig().train.beta  # the only train.beta the frontier accepts (it sets β itself)
@@ -88,11 +86,11 @@ SIZES = {
 
 def _epoch_policy(run_dir: Path, step: int, dest: Path) -> str:
     """The offline run's checkpoint at ``step`` as a plain model folder (no optimizer state)."""
-    from dpo_ray.training.checkpoint import STATE_FILE, STEP_FILE
+    from dpo_ray.training.trainer import export_model, run_checkpoints
 
-    for state in run_dir.glob(f"ray_train*/checkpoint_*/{STEP_FILE}"):
-        if json.loads(state.read_text())["step"] == step:
-            shutil.copytree(state.parent, dest, ignore=shutil.ignore_patterns(STATE_FILE, STEP_FILE))
+    for found, checkpoint in run_checkpoints(run_dir):
+        if found == step:
+            export_model(checkpoint, dest)
             return str(dest)
     raise FileNotFoundError(f"{run_dir}: no checkpoint at step {step} (the end of epoch 1)")
 
@@ -101,10 +99,10 @@ def _drop_checkpoints(run_dir: Path) -> None:
     """A finished run's Ray Train checkpoints, once its models are copied out: each holds the
     optimizer state (~1.6 GB for SmolLM2 in float32) and 4 β x 3 runs would fill a small disk;
     nothing here resumes a finished run."""
-    for attempt in run_dir.glob("ray_train*"):
-        for checkpoint in attempt.glob("checkpoint_*"):
-            if checkpoint.is_dir():  # not Ray Train's checkpoint_manager_snapshot.json
-                shutil.rmtree(checkpoint)
+    from dpo_ray.training.trainer import run_checkpoints
+
+    for _, checkpoint in run_checkpoints(run_dir):
+        shutil.rmtree(checkpoint)
 
 
 def run(config: FrontierConfig) -> Path:

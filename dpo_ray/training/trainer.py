@@ -52,9 +52,19 @@ class TrainResult:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint with the highest step among all attempts of a run (``dpo_state.json``)."""
-    found = [(json.loads(p.read_text())["step"], p.parent)
-             for p in Path(run_dir).glob(f"{RAY_TRAIN_NAME}*/checkpoint_*/{STEP_FILE}")]
+    found = run_checkpoints(run_dir)
     return max(found)[1] if found else None
+
+
+def run_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint of every attempt of a run."""
+    return [(json.loads(p.read_text())["step"], p.parent)
+            for p in Path(run_dir).glob(f"{RAY_TRAIN_NAME}*/checkpoint_*/{STEP_FILE}")]
+
+
+def export_model(checkpoint: Path, dest: Path) -> None:
+    """A checkpoint as a plain model folder: everything but the resume state (optimizer, step)."""
+    shutil.copytree(checkpoint, dest, ignore=shutil.ignore_patterns(STATE_FILE, STEP_FILE))
 
 
 def _run_dir(config: RunConfig) -> Path:
@@ -214,7 +224,7 @@ def train(config: RunConfig, source=None) -> TrainResult:
     if in_memory:
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
     train_pairs = datasets["train"].count() if t.eval_fraction > 0 else rows
-    global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_workers
+    global_batch = t.global_batch_size
     if train_pairs < global_batch:
         raise ValueError(f"{train_pairs} training pairs is less than one global batch ({global_batch}"
                          " = per_device_train_batch_size x gradient_accumulation_steps x num_workers)")
@@ -279,7 +289,7 @@ def train(config: RunConfig, source=None) -> TrainResult:
     if last is None:
         raise RuntimeError(f"training in {run_dir} ended without a checkpoint")
     with last.as_directory() as folder:
-        shutil.copytree(folder, final, ignore=shutil.ignore_patterns(STATE_FILE, STEP_FILE))
+        export_model(Path(folder), final)
     if t.peft is not None and t.peft.merge:
         _write_merged(final, run_dir / "final_model_merged", config.data.tokenizer)
     metrics = read_metrics(run_dir)
