@@ -196,6 +196,10 @@ class ReferenceConfig:
     # ``micro_batch_size`` pairs (2x sequences, chosen + rejected in one pass) to keep padding small.
     batch_size: PositiveInt = 64
     micro_batch_size: PositiveInt = 8  # pairs per forward pass inside a call
+    # Each pair as one prompt|chosen|rejected sequence (the prompt computed once), packed with no
+    # padding; false: chosen and rejected as padded rows. Same values to float rounding
+    # (dpo_ray/logps.py); models whose attention cannot take the mask (flash) always pad.
+    padding_free: bool = True
 
 
 @dataclass(config=STRICT)
@@ -261,6 +265,10 @@ class TrainConfig:
     per_device_train_batch_size: PositiveInt = 8  # pairs per worker per micro-batch
     gradient_accumulation_steps: PositiveInt = 1  # micro-batches per optimizer step
     seed: int = 0  # model init, shuffling and dropout
+    # Pairs are shuffled within windows of this many global batches (dpo_ray/training/batching.py).
+    shuffle_window: PositiveInt = 16
+    # Within a window, a batch takes pairs of similar length, so packed rows carry little padding.
+    group_by_length: bool = True
     # Precision of the policy's weights (and so of its gradients and Adam state). bfloat16 halves
     # them; bf16 is autocast on top of either. With weights or compute in bfloat16 while the
     # reference was scored in float32, the step-0 guard compares relative, not absolute, deviations.
@@ -269,6 +277,8 @@ class TrainConfig:
     # Passed to from_pretrained: "eager", "sdpa", "flash_attention_2"...; None = transformers' default.
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    # As reference.padding_free, for the policy's passes (training and held-out evaluation).
+    padding_free: bool = True
     peft: LoraConfig | None = None  # LoRA adapters instead of full fine-tuning
     # ddp: every worker holds the whole model (Ray Train's prepare_model). fsdp: parameters,
     # gradients and optimizer state are sharded across workers (FSDP2 fully_shard per decoder layer).

@@ -7,6 +7,7 @@ Notation: B pairs in a batch, T tokens per padded sequence, V vocabulary size.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
@@ -84,10 +85,15 @@ def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 def keeps_logits(model) -> bool:
     """Whether the (possibly DDP-, FSDP- or PEFT-wrapped) model's forward takes a
     ``logits_to_keep`` mask (transformers' causal LMs do)."""
+    return _forward_takes_logits_to_keep(type(_inner(model)))
+
+
+def _inner(model):
+    """The transformers model inside DDP (``.module``) and PEFT (``.base_model.model``) wrappers."""
     inner = model
-    for _ in range(4):  # DistributedDataParallel.module, PeftModel.base_model.model
+    for _ in range(4):
         inner = getattr(inner, "module", None) or getattr(getattr(inner, "base_model", None), "model", None) or inner
-    return _forward_takes_logits_to_keep(type(inner))
+    return inner
 
 
 @cache
@@ -174,11 +180,16 @@ def concatenate_pairs(chosen_input_ids: torch.Tensor, chosen_attention_mask: tor
 
 def concatenated_forward(model, chosen_input_ids: torch.Tensor, chosen_attention_mask: torch.Tensor,
                          rejected_input_ids: torch.Tensor, rejected_attention_mask: torch.Tensor,
-                         prompt_lengths: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen and rejected of B pairs through the model in one (2B, T) pass.
+                         prompt_lengths: torch.Tensor, pad_id: int,
+                         padding_free: bool = True) -> dict[str, torch.Tensor]:
+    """Chosen and rejected of B pairs through the model in one pass.
 
-    One pass instead of two halves the kernel launches and, under DDP/FSDP, the collective calls
-    per step (the original DPO repo does the same). Both halves are right-padded to a common T.
+    ``padding_free`` (and a model that takes a custom attention mask, see ``packs``): each pair
+    is one prompt|chosen|rejected segment, the prompt computed once, segments packed into a few
+    rows with no padding between them (``pack_pairs``, ``packed_logps``). Otherwise chosen and
+    rejected are stacked as (2B, T) rows right-padded to a common T (one pass instead of two
+    halves the kernel launches and, under DDP/FSDP, the collective calls per step, as the
+    original DPO repo does). Both give the same values to float rounding (tests/test_packing.py).
 
     Args:
         chosen_input_ids, rejected_input_ids: (B, Tc), (B, Tr) long, prompt + response.
@@ -188,11 +199,161 @@ def concatenated_forward(model, chosen_input_ids: torch.Tensor, chosen_attention
         ``rejected_tokens``.
     """
     batch = chosen_input_ids.shape[0]
-    input_ids, attention_mask = concatenate_pairs(chosen_input_ids, chosen_attention_mask,
-                                                  rejected_input_ids, rejected_attention_mask, pad_id)
-    labels = response_labels(input_ids, prompt_lengths.repeat(2), attention_mask)  # (2B, T)
-    logps, tokens = response_logps(model, input_ids, attention_mask, labels)  # (2B,), (2B,)
+    if padding_free and packs(model):
+        packed = pack_pairs(chosen_input_ids, chosen_attention_mask, rejected_input_ids,
+                            rejected_attention_mask, prompt_lengths, pad_id)
+        logps, tokens = packed_logps(model, packed)  # (2B,), (2B,)
+    else:
+        input_ids, attention_mask = concatenate_pairs(chosen_input_ids, chosen_attention_mask,
+                                                      rejected_input_ids, rejected_attention_mask, pad_id)
+        labels = response_labels(input_ids, prompt_lengths.repeat(2), attention_mask)  # (2B, T)
+        logps, tokens = response_logps(model, input_ids, attention_mask, labels)  # (2B,), (2B,)
     return {
         "chosen_logps": logps[:batch], "rejected_logps": logps[batch:],
         "chosen_tokens": tokens[:batch], "rejected_tokens": tokens[batch:],
     }
+
+
+# -- Padding-free packing with a shared prompt ------------------------------------------------
+#
+# One pair is one segment: prompt (P tokens), chosen response (C), rejected response (R).
+#
+#     tokens     p0 .. p(P-1) | c0 .. c(C-1) | r0 .. r(R-1)
+#     positions  0  .. P-1    | P  .. P+C-1  | P  .. P+R-1       (rejected restarts after the prompt)
+#     attends    causal       | prompt+self  | prompt+self, never the chosen response
+#
+# so every token sees exactly the context it has in its own unpadded sequence, and the prompt is
+# computed once instead of twice. c0 and r0 are both predicted by the last prompt token's logits.
+# Segments are packed into rows no longer than the longest segment; a block-diagonal mask keeps
+# segments from seeing each other. A pair whose chosen and rejected prompts differ (they never
+# do for tokenized pairs, which share prompt_length and prompt tokens) becomes two segments.
+
+PACKED_ATTENTION = ("sdpa", "eager")  # implementations that take a custom (R, 1, L, L) mask
+
+
+def packs(model) -> bool:
+    """Whether the model can run the packed path: a transformers model whose attention takes a
+    custom 4D mask (SDPA or eager; flash attention cannot express the shared-prompt mask)."""
+    config = getattr(_inner(model), "config", None)
+    return getattr(config, "_attn_implementation", None) in PACKED_ATTENTION
+
+
+@dataclass(frozen=True)
+class PackedPairs:
+    """B pairs as segments packed into R rows of L tokens, and where each log-prob term is.
+
+    input_ids, position_ids: (R, L) long (padding: token 0, position 0).
+    allowed: (R, L, L) bool, query i may attend to key j (a padding position only to itself).
+    keep: (R, L) bool, positions whose logits some target needs.
+    predictor: (N,) long, flat index (row * L + column) of the position predicting each target.
+    targets: (N,) long, the target token ids.  owner: (N,) long, 0..B-1 chosen, B..2B-1 rejected.
+    """
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    allowed: torch.Tensor
+    keep: torch.Tensor
+    predictor: torch.Tensor
+    targets: torch.Tensor
+    owner: torch.Tensor
+    sequences: int  # 2B
+
+
+def _segments(chosen: list[int], rejected: list[int], prompt_length: int, b: int, batch: int) -> list[dict]:
+    """One pair's segments: tokens, positions, the [start, end) span of the chosen response (which
+    the rejected one may not see), and (predictor, target, owner) triples, all segment-local."""
+    def alone(tokens: list[int], owner: int) -> dict:
+        terms = [(t - 1, tokens[t], owner) for t in range(max(prompt_length, 1), len(tokens))]
+        return {"tokens": tokens, "positions": list(range(len(tokens))), "hidden": (0, 0), "terms": terms}
+
+    if chosen[:prompt_length] != rejected[:prompt_length]:
+        return [alone(chosen, b), alone(rejected, batch + b)]
+    p, n_c = prompt_length, len(chosen)
+    segment = alone(chosen, b)
+    segment["tokens"] = chosen + rejected[p:]
+    segment["positions"] += list(range(p, len(rejected)))
+    segment["hidden"] = (p, n_c)
+    for j in range(len(rejected) - p):  # r_j is predicted by r_(j-1), r_0 by the last prompt token
+        predictor = p - 1 if j == 0 else n_c + j - 1
+        if predictor >= 0:
+            segment["terms"].append((predictor, rejected[p + j], batch + b))
+    return [segment]
+
+
+def pack_pairs(chosen_input_ids: torch.Tensor, chosen_attention_mask: torch.Tensor,
+               rejected_input_ids: torch.Tensor, rejected_attention_mask: torch.Tensor,
+               prompt_lengths: torch.Tensor, pad_id: int = 0) -> PackedPairs:
+    """Padded pairs (as ``collate_pairs`` makes them, either padding side) -> ``PackedPairs``.
+
+    Rows are filled first-fit by decreasing segment length, each row at most as long as the
+    longest segment, so attention (quadratic in the row length) costs no more than one pair's.
+    """
+    batch = chosen_input_ids.shape[0]
+    segments = []
+    for b in range(batch):
+        chosen = chosen_input_ids[b][chosen_attention_mask[b].bool()].tolist()
+        rejected = rejected_input_ids[b][rejected_attention_mask[b].bool()].tolist()
+        segments += _segments(chosen, rejected, int(prompt_lengths[b]), b, batch)
+    capacity = max(len(s["tokens"]) for s in segments)
+    rows: list[list[dict]] = []
+    for segment in sorted(segments, key=lambda s: -len(s["tokens"])):
+        row = next((r for r in rows if sum(len(s["tokens"]) for s in r) + len(segment["tokens"]) <= capacity), None)
+        if row is None:
+            rows.append(row := [])
+        row.append(segment)
+    width = max(sum(len(s["tokens"]) for s in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    allowed = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)  # padding sees itself
+    predictor, targets, owner = [], [], []
+    for r, row in enumerate(rows):
+        start = 0
+        for s in row:
+            n, end = len(s["tokens"]), start + len(s["tokens"])
+            input_ids[r, start:end] = torch.tensor(s["tokens"])
+            position_ids[r, start:end] = torch.tensor(s["positions"])
+            allowed[r, start:end, start:end] = torch.ones(n, n, dtype=torch.bool).tril()
+            hide_from, hide_to = s["hidden"]  # rejected tokens (after the chosen) never see it
+            allowed[r, start + hide_to:end, start + hide_from:start + hide_to] = False
+            for pos, target, who in s["terms"]:
+                predictor.append(r * width + start + pos)
+                targets.append(target)
+                owner.append(who)
+            start = end
+    predictor_t = torch.tensor(predictor, dtype=torch.long)
+    keep = torch.zeros(len(rows) * width, dtype=torch.bool)
+    keep[predictor_t] = True
+    device = chosen_input_ids.device
+    return PackedPairs(input_ids.to(device), position_ids.to(device), allowed.to(device),
+                       keep.view(len(rows), width).to(device), predictor_t.to(device),
+                       torch.tensor(targets, dtype=torch.long, device=device),
+                       torch.tensor(owner, dtype=torch.long, device=device), 2 * batch)
+
+
+def packed_logps(model, packed: PackedPairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of the 2B sequences of ``packed`` in one forward:
+
+        logp(seq k) = sum over terms n with owner[n] = k of
+                      logit[predictor[n], targets[n]] - logsumexp(logit[predictor[n], :])
+
+    The LM head runs only at ``keep`` positions (each once, even where it predicts both c0 and
+    r0). Returns logps (2B,) float64 (rows 0..B-1 chosen, B..2B-1 rejected) and token counts (2B,).
+    """
+    inner = _inner(model)
+    if inner.config._attn_implementation == "sdpa":
+        mask = packed.allowed[:, None]  # (R, 1, L, L) bool, True = attend
+    else:  # eager adds the mask to the scores
+        dtype = next(inner.parameters()).dtype
+        mask = torch.zeros(packed.allowed.shape, dtype=dtype, device=packed.allowed.device)
+        mask = mask.masked_fill(~packed.allowed, torch.finfo(dtype).min)[:, None]
+    kwargs = {"logits_to_keep": packed.keep} if keeps_logits(model) else {}
+    logits = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                   use_cache=False, **kwargs).logits
+    if logits.ndim == 2:  # (K, V): the kept positions, row-major; map flat positions to rows
+        rows = (packed.keep.flatten().long().cumsum(0) - 1)[packed.predictor]
+    else:  # (R, L, V)
+        logits, rows = logits.flatten(0, 1), packed.predictor
+    picked = logits[rows, packed.targets].float()  # (N,)
+    token_logps = picked - torch.logsumexp(logits.float(), dim=-1)[rows]  # one logsumexp per row
+    logps = torch.zeros(packed.sequences, dtype=torch.float64, device=picked.device)
+    counts = torch.bincount(packed.owner, minlength=packed.sequences)
+    return logps.index_add(0, packed.owner, token_logps.double()), counts

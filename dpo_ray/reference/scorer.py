@@ -83,7 +83,7 @@ class ReferenceScorer:
             result = concatenated_forward(
                 self.model, pairs["chosen_input_ids"], pairs["chosen_attention_mask"],
                 pairs["rejected_input_ids"], pairs["rejected_attention_mask"],
-                pairs["prompt_lengths"], pad_id=0)
+                pairs["prompt_lengths"], pad_id=0, padding_free=self.cfg.padding_free)
             forwards += 1
             for j, i in enumerate(idx):
                 out["ref_chosen_logps"][i] = float(result["chosen_logps"][j])

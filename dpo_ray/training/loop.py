@@ -23,6 +23,7 @@ from dpo_ray.logps import collate_pairs, concatenate_pairs, concatenated_forward
 from dpo_ray.losses import preference_loss, reward_model_loss
 from dpo_ray.tracking import Tracker, TrackingPlan
 from dpo_ray.training import checkpoint, metrics
+from dpo_ray.training.batching import epoch_batches
 from dpo_ray.training.policy import gradient_sync, load_policy, local_state_mb, parallelize
 
 # The columns a worker reads from the cached dataset (docs/data.md): a reward model needs no
@@ -43,7 +44,6 @@ class WorkerPlan:
     tokenizer: str  # saved with every checkpoint
     reference_dtype: str  # the precision the cached values were scored in (step-0 guard)
     run_dir: str
-    shuffle_buffer: int  # rows, for iter_torch_batches' local shuffle
     has_eval: bool  # a held-out split exists (train.eval_fraction > 0)
     resume_from: str | None  # a checkpoint of the run being resumed (train.resume)
     tracking: TrackingPlan | None = None  # train.report_to, resolved on the driver
@@ -133,14 +133,13 @@ def train_loop_per_worker(config: dict) -> None:
     started = time.perf_counter()
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
-        batches = shard.iter_torch_batches(
-            batch_size=global_batch, collate_fn=collate, drop_last=True,
-            local_shuffle_buffer_size=plan.shuffle_buffer, local_shuffle_seed=t.seed + epoch)
-        for index, micro_batches in enumerate(batches):
+        batches = epoch_batches(shard, global_batch, t.shuffle_window, t.seed, epoch, t.group_by_length)
+        for index, pairs in enumerate(batches):
             if index < skip:
                 continue  # trained on before the restart
             if index >= steps_per_epoch or step >= total_steps:
                 break
+            micro_batches = collate(pairs)
 
             # 4. Forward + backward over the micro-batches; gradients sync on the last one only.
             sums = torch.zeros(len(metrics.SUMS), dtype=torch.float64)
@@ -246,7 +245,8 @@ def pair_losses(model, batch: dict, t, pad_id: int):
         return {}, reward_model_loss(chosen, rejected), chosen.detach(), rejected.detach()
     out = concatenated_forward(
         model, batch["chosen_input_ids"], batch["chosen_attention_mask"],
-        batch["rejected_input_ids"], batch["rejected_attention_mask"], batch["prompt_lengths"], pad_id)
+        batch["rejected_input_ids"], batch["rejected_attention_mask"], batch["prompt_lengths"], pad_id,
+        padding_free=t.padding_free)
     losses, chosen_rewards, rejected_rewards = preference_loss(
         out["chosen_logps"], out["rejected_logps"], batch["ref_chosen_logps"],
         batch["ref_rejected_logps"], t.beta, t.loss_type, t.label_smoothing,

@@ -32,6 +32,7 @@ from dpo_ray.preflight import check_paths
 from dpo_ray.ray_env import check_resources
 from dpo_ray.reference import ensure_reference
 from dpo_ray.reference.cache import model_fingerprint
+from dpo_ray.training.batching import canonical_order
 from dpo_ray.training.checkpoint import STATE_FILE, STEP_FILE
 from dpo_ray.tracking import Tracker, TrackingPlan, plan_tracking
 from dpo_ray.training.loop import (PAIR_TRAIN_COLUMNS, TRAIN_COLUMNS, WorkerPlan, count_steps,
@@ -212,7 +213,8 @@ def train(config: RunConfig, source=None) -> TrainResult:
     # whatever order the read tasks finished).
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    pairs = pairs.select_columns(columns)
+    # Which pairs train together depends on the pairs and the seed only (training/batching.py).
+    pairs = canonical_order(pairs.select_columns(columns), t.seed)
     in_memory = _materialize(t.materialize_datasets, rows, config.data.max_length)
     if in_memory:  # read once; both splits then filter blocks already in memory
         pairs = pairs.materialize()
@@ -247,7 +249,6 @@ def train(config: RunConfig, source=None) -> TrainResult:
         tokenizer=config.data.tokenizer,
         reference_dtype=config.reference.dtype,
         run_dir=str(run_dir),
-        shuffle_buffer=max(global_batch * 4, 64),
         has_eval="eval" in datasets,
         resume_from=str(resume_from) if resume_from else None,  # Train V2: via the loop's config
         tracking=tracking,
