@@ -7,6 +7,8 @@ policy, so cached and live values cannot be computed differently.
 
 from __future__ import annotations
 
+import math
+
 import pyarrow as pa
 import ray
 import torch
@@ -96,15 +98,21 @@ class ReferenceScorer:
         return batch
 
 
-def score_pairs(pairs: ray.data.Dataset, config, scorer_cls=ReferenceScorer) -> ray.data.Dataset:
+def score_pairs(pairs: ray.data.Dataset, config, scorer_cls=ReferenceScorer,
+                rows: int | None = None) -> ray.data.Dataset:
     """Add reference columns to every pair on an actor pool sized by ``config`` (lazy)."""
     forward_counter()  # make sure the named counter exists before actors look it up
     # An actor processes whole blocks; a single-file source is one block, which would leave all
-    # but one actor idle. Blocks of one batch each spread the work over the pool.
-    return pairs.repartition(target_num_rows_per_block=config.batch_size).map_batches(
+    # but one actor idle. Blocks of one batch each spread the work over the pool, and fewer pairs
+    # than a batch per actor get smaller blocks (64 pairs were one 64-pair block: one actor of
+    # two, one core of two, worked).
+    per_block = config.batch_size
+    if rows is not None:
+        per_block = max(config.micro_batch_size, min(per_block, math.ceil(rows / config.pool.max_actors)))
+    return pairs.repartition(target_num_rows_per_block=per_block).map_batches(
         scorer_cls,
         fn_constructor_args=(config,),
         batch_format="pyarrow",
-        batch_size=config.batch_size,
+        batch_size=per_block,
         **actor_pool_kwargs(config.pool, "reference scorer"),
     )

@@ -80,7 +80,7 @@ def ensure_reference(data_config, ref_config, source=None, scorer_cls=ReferenceS
     with stage("reference", f"scoring {report.pairs} pairs with {ref_config.model} "
                f"({ref_config.pool.max_actors} actors at most)"):
         with progress("reference scoring", report.pairs, "pairs") as bar:
-            scored = counted(score_pairs(pairs, ref_config, scorer_cls), bar).materialize()
+            scored = counted(score_pairs(pairs, ref_config, scorer_cls, rows=report.pairs), bar).materialize()
     manifest = cache.commit(key, scored, inputs, expected_rows=report.pairs)
     dataset, _, _ = cache.load(key)  # hand on what was committed, verified, not the in-memory copy
     result = ReferenceResult(dataset, key, cache.entry(key), manifest["rows"], cache_hit=False,
