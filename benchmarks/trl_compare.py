@@ -129,14 +129,14 @@ def run_dpo_ray(model_path: str, pairs: list[dict], work: Path, workers: int, bf
     from dpo_ray.data import prepare_pairs
     from dpo_ray.logps import collate_pairs, pack_pairs
     from dpo_ray.training import train
-    from dpo_ray.training.batching import order_keys, window_batches
+    from dpo_ray.training.batching import window_batches
 
     source = work / "pairs.jsonl"
     source.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     s, cpus = SETTINGS, os.cpu_count() or 2
     config = RunConfig(
         data=DataConfig(source=str(source), tokenizer=model_path, max_length=s["max_length"],
-                        max_prompt_length=None),
+                        max_prompt_length=None, on_bad_row="skip"),  # TRL drops them too
         reference=ReferenceConfig(model=model_path, cache_dir=str(cache),
                                   pool=Pool(max_actors=workers, num_cpus_per_actor=cpus / workers)),
         train=TrainConfig(output_dir=str(work / "runs"), run_name=f"dpo_ray-{label}", num_workers=workers,
@@ -154,11 +154,12 @@ def run_dpo_ray(model_path: str, pairs: list[dict], work: Path, workers: int, bf
     step_seconds = sum(g / m["pairs_per_second"] for m in result.metrics)
     # The positions the model body computes: the workers' own batching and packing functions
     # on the cached rows.
-    rows = pq.read_table(json.loads((result.run_dir / "reference.json").read_text())["path"]).to_pydict()
-    order = np.argsort(order_keys(rows["pair_id"], s["seed"]), kind="stable")
-    columns = {k: np.array([rows[k][i] for i in order], dtype=object)
-               for k in ("pair_id", "chosen_input_ids", "rejected_input_ids")}
-    columns["prompt_length"] = np.array([rows["prompt_length"][i] for i in order], dtype=np.int64)
+    entry = Path(json.loads((result.run_dir / "reference.json").read_text())["path"])
+    manifest = json.loads((entry / "manifest.json").read_text())
+    rows = pq.read_table([str(entry / f["path"]) for f in manifest["files"]]).to_pydict()
+    columns = {k: np.array(rows[k], dtype=object) for k in ("pair_id", "chosen_input_ids", "rejected_input_ids")}
+    columns["prompt_length"] = np.array(rows["prompt_length"], dtype=np.int64)
+    order = columns["pair_id"]
     window = config.train.shuffle_window * g
     computed = useful = 0
     for index, start in enumerate(range(0, len(order), window)):
@@ -196,6 +197,7 @@ def main() -> None:
     print(f"{args.pairs} HH pairs, {args.model}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
           f"{os.cpu_count()} CPUs; matmul peak fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f}")
     trl = run_trl(model, pairs, work, args.bf16)
+    print("TRL:", json.dumps(trl), flush=True)
     init_ray()
     cache = work / "cache"
     cold = run_dpo_ray(model, pairs, work, args.workers, args.bf16, "cold", cache)
@@ -207,7 +209,7 @@ def main() -> None:
     print(f"\n{'':>16} {'data_s':>7} {'ref_s':>7} {'train_s':>8} {'total_s':>8} {'pairs/s':>8} "
           f"{'vs TRL':>7} {'padding':>8} {'useful GFLOP/s':>15} {'of peak':>8}")
     print(f"{'TRL':>16} {p['data']:>7.1f} {p['reference']:>7.1f} {p['training']:>8.1f} {trl_total:>8.1f} "
-          f"{args.pairs / trl_total:>8.2f} {1:>6.2f}x {trl['padding']:>8.0%} "
+          f"{trl['pairs'] / trl_total:>8.2f} {1:>6.2f}x {trl['padding']:>8.0%} "
           f"{flops * trl['useful_tokens'] / p['training'] / 1e9:>15.1f} "
           f"{flops * trl['useful_tokens'] / p['training'] / 1e9 / fp:>8.0%}")
     reference = cold["wall"] - warm["wall"]
@@ -215,9 +217,11 @@ def main() -> None:
         ref = reference if run is cold else 0.0
         rate = flops * run["useful_tokens"] / run["steps"] / 1e9
         print(f"{label:>16} {run['data']:>7.1f} {ref:>7.1f} {run['wall'] - ref:>8.1f} {run['wall']:>8.1f} "
-              f"{args.pairs / run['wall']:>8.2f} {trl_total / run['wall']:>6.2f}x {run['padding']:>8.0%} "
+              f"{run['pairs'] / run['wall']:>8.2f} {run['pairs'] / run['wall'] / (trl['pairs'] / trl_total):>6.2f}x "
+              f"{run['padding']:>8.0%} "
               f"{rate:>15.1f} {rate / fp:>8.0%}")
-    print(f"\ntraining pairs: TRL {trl['pairs']}, dpo_ray {cold['pairs']}; useful tokens (prompt once): "
+    print(f"\ntraining pairs (pairs/s and 'vs TRL' count these): TRL {trl['pairs']} (it drops pairs whose "
+          f"prompt fills max_length), dpo_ray {cold['pairs']}; useful tokens (prompt once): "
           f"TRL {trl['useful_tokens']}, dpo_ray {cold['useful_tokens']}; dpo_ray data stage alone "
           f"{cold['data']:.1f} s (inside total); dpo_ray train_s is the run's wall time less the reference "
           f"pass (Ray Train start, data and steps: steps alone {cold['steps']:.1f} s cold, {warm['steps']:.1f} s warm); "

@@ -57,6 +57,16 @@ def init_ray(address: str | None = None) -> None:
         print(f"Ray's logs: {ray_logs()} (DPO_RAY_VERBOSE=1 shows them here)", flush=True)
 
 
+def keep_order() -> None:
+    """Ray Data hands blocks on in their input order in this process (``preserve_order``), so a
+    stage's output order is its input's, not the order its tasks or actors finished in: the data
+    stage keeps the source's row order, the reference cache is written in it whatever the pool
+    size, and training batches (training/batching.py) depend on the data and the seed only."""
+    from ray.data import DataContext
+
+    DataContext.get_current().execution_options.preserve_order = True
+
+
 def ray_logs() -> str:
     """The folder of this Ray session's log files (every worker's output)."""
     try:

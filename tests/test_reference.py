@@ -82,6 +82,10 @@ def test_two_actor_pool_equals_direct_computation_tiny(tiny_run, tiny_llama):
     assert not result.cache_hit and forwards > 0
     skipped = sum(result.data_report.skipped.values())  # row 87 of the first 256 is empty
     assert_matches_direct(result, tiny_llama, N_PAIRS - skipped)
+    # Two actors finish blocks in any order, yet the cache holds the pairs in the source's row
+    # order: a pool of another size writes the same order, and training batches follow it.
+    source_rows = [row["source_row"] for row in result.dataset.take_all()]
+    assert source_rows == sorted(source_rows)
 
 
 def test_second_run_performs_zero_forward_passes(tiny_run):

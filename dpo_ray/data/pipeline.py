@@ -22,7 +22,7 @@ from dpo_ray.console import counted, progress, stage
 from dpo_ray.data.errors import DUPLICATE_PAIR, NO_PAIRS_LEFT, NO_ROWS, PreferenceDataError
 from dpo_ray.data.sources import hub_dataset_id, list_source, read_records
 from dpo_ray.data.tokenize import PAIR_SCHEMA, tokenize_batch
-from dpo_ray.ray_env import root_cause, task_pool_kwargs
+from dpo_ray.ray_env import keep_order, root_cause, task_pool_kwargs
 
 PAIR_COLUMNS = [name for name in PAIR_SCHEMA.names if not name.startswith("skip_")]
 _EXAMPLES_KEPT = 20
@@ -140,6 +140,7 @@ def prepare_pairs(config: DataConfig, source=None) -> tuple[ray.data.Dataset, Da
     the first bad row in source order (file, row, reason) with the count of all bad rows, so one
     run shows the whole extent of the problem and the message does not depend on scheduling.
     """
+    keep_order()  # pairs (and the reference cache after them) in the source's row order
     records = read_records(config.source if source is None else source, config)
     tokenized = records.map_batches(
         tokenize_batch,

@@ -1,49 +1,32 @@
 """Which pairs form each global batch: shuffled and grouped by length inside bounded windows, in
-an order that depends only on the pairs, the seed and the epoch.
+an order that depends only on the data, the seed and the epoch.
 
-1. On the driver, ``canonical_order`` sorts the training pairs by a seeded hash of their
-   ``pair_id`` (a content hash). The cache's file layout, which depends on the scoring pool that
-   wrote it, no longer decides which pairs train together, and the order is a random one.
-2. Every worker reads that order in windows of ``shuffle_window`` global batches. For each epoch
-   ``window_batches`` takes one window, with a generator seeded by (seed, epoch, window):
-   - it permutes the window's pairs;
-   - only the last window can hold more pairs than whole batches; it drops the rest, as
-     ``drop_last`` did;
-   - it sorts the pairs by packed length (prompt + chosen + rejected tokens), a stable sort, so
-     equal lengths keep their random order (``group_by_length``);
-   - it cuts whole global batches and permutes their order.
+The training split arrives in the reference cache's row order, which is the data's own row order:
+every Ray Data stage keeps its input order (``ray_env.keep_order``), so the pool that scored the
+pairs does not change it. Every worker reads that order in windows of ``shuffle_window`` global
+batches, and for each epoch ``window_batches`` takes one window, with a generator seeded by
+(seed, epoch, window):
 
-What this does to shuffling: a pair meets only pairs of its own window. Windows are random
-subsets of the data (the hash order), but the same ones every epoch for a given seed, and with
-length grouping a batch holds pairs of similar length. Batch order within a window changes
-every epoch. The global batch is formed before it is split into ranks, so it is the same for any
-number of workers, and a resumed run recomputes the same batches and skips the ones it trained.
+- it permutes the window's pairs;
+- only the last window can hold more pairs than whole batches; it drops the rest, as
+  ``drop_last`` did;
+- with ``group_by_length``, it sorts the pairs by packed length (prompt + chosen + rejected
+  tokens), a stable sort, so equal lengths keep their random order;
+- it cuts whole global batches and permutes their order.
+
+What this does to shuffling: a pair meets only pairs of its own window, the same window every
+epoch (as a local shuffle buffer over the file order did before). Shuffle a file that is sorted
+(by topic, length or source) before training on it. With length grouping a batch holds pairs of
+similar length, and batch order within a window changes every epoch. The global batch is formed
+before it is split into ranks, so it is the same for any number of workers, and a resumed run
+recomputes the same batches and skips the ones it trained.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 
 import numpy as np
-
-ORDER_COLUMN = "_order"
-
-
-def order_keys(pair_ids, seed: int) -> np.ndarray:
-    """(N,) pair ids -> (N,) uint64 sort keys: the first 8 bytes of blake2b(seed, pair_id)."""
-    prefix = f"{seed}:".encode()
-    return np.array([int.from_bytes(hashlib.blake2b(prefix + str(p).encode(), digest_size=8).digest(), "big")
-                     for p in pair_ids], dtype=np.uint64)
-
-
-def canonical_order(dataset, seed: int):
-    """The Ray dataset sorted by ``order_keys`` (lazy; the sort runs when it is consumed)."""
-    def add_key(batch: dict) -> dict:
-        batch[ORDER_COLUMN] = order_keys(batch["pair_id"], seed)
-        return batch
-
-    return dataset.map_batches(add_key, batch_format="numpy").sort(ORDER_COLUMN).drop_columns([ORDER_COLUMN])
 
 
 def packed_lengths(window: dict[str, np.ndarray]) -> np.ndarray:
@@ -66,7 +49,7 @@ def window_batches(window: dict[str, np.ndarray], global_batch: int, seed: int, 
 
 def epoch_batches(shard, global_batch: int, shuffle_window: int, seed: int, epoch: int,
                   group_by_length: bool) -> Iterator[dict[str, np.ndarray]]:
-    """An epoch's global batches (numpy columns) from a Ray Train dataset shard in canonical order."""
+    """An epoch's global batches (numpy columns) from a Ray Train dataset shard (every pair, in the cache's order)."""
     windows = shard.iter_batches(batch_size=global_batch * shuffle_window, batch_format="numpy")
     for index, window in enumerate(windows):
         yield from window_batches(window, global_batch, seed, epoch, index, group_by_length)

@@ -29,10 +29,9 @@ from dpo_ray.config import RunConfig, config_dict, local_dir, save_config
 from dpo_ray.console import follow_steps, stage
 from dpo_ray.data import prepare_pairs, split_train_eval
 from dpo_ray.preflight import check_paths
-from dpo_ray.ray_env import check_resources
+from dpo_ray.ray_env import check_resources, keep_order
 from dpo_ray.reference import ensure_reference
 from dpo_ray.reference.cache import model_fingerprint
-from dpo_ray.training.batching import canonical_order
 from dpo_ray.training.checkpoint import STATE_FILE, STEP_FILE
 from dpo_ray.tracking import Tracker, TrackingPlan, plan_tracking
 from dpo_ray.training.loop import (PAIR_TRAIN_COLUMNS, TRAIN_COLUMNS, WorkerPlan, count_steps,
@@ -208,13 +207,11 @@ def train(config: RunConfig, source=None) -> TrainResult:
         if held_out is not None:
             held = ensure_reference(held_out, config.reference).dataset
     # Every worker iterates the whole dataset in the same order (see RankPairCollate in
-    # training/loop.py), and that order is the cache's file order in every run: set before the
-    # splits are materialized (the first train() in a process used to materialize them in
-    # whatever order the read tasks finished).
-    ctx = DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    # Which pairs train together depends on the pairs and the seed only (training/batching.py).
-    pairs = canonical_order(pairs.select_columns(columns), t.seed)
+    # training/loop.py): the cache's row order, which is the data's own (prepare_pairs keeps it
+    # through tokenizing, scoring and writing), whatever pool scored it; training/batching.py
+    # shuffles it in windows.
+    keep_order()
+    pairs = pairs.select_columns(columns)
     in_memory = _materialize(t.materialize_datasets, rows, config.data.max_length)
     if in_memory:  # read once; both splits then filter blocks already in memory
         pairs = pairs.materialize()
@@ -270,7 +267,7 @@ def train(config: RunConfig, source=None) -> TrainResult:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.save_total_limit)),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[],
-                                            execution_options=ctx.execution_options),
+                                            execution_options=DataContext.get_current().execution_options),
     )
     try:
         total = count_steps(train_pairs, t, t.num_workers)[1]
