@@ -24,6 +24,20 @@ def records_batch(rows: list[dict], source_file: str = "mem.jsonl") -> pa.Table:
     return _records_table(source_file, [(i, _canonical(r), None) for i, r in enumerate(rows, 1)])
 
 
+def tiny_causal_lm(arch: str, vocab: int, attn: str = "sdpa"):
+    """A 2-layer random GPT-2 (absolute positions) or Llama (RoPE, grouped KV heads), seeded."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    else:
+        config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+
+
 def load_job(name: str):
     """A script under jobs/ as a module (its ``main(argv)`` is what the README runs)."""
     import importlib.util

@@ -6,7 +6,8 @@ position ids are not handled; Llama (RoPE) is checked too.
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+from helpers import tiny_causal_lm
 
 from dpo_ray.logps import (
     IGNORE_INDEX, concatenate_pairs, concatenated_forward, keeps_logits, model_forward_logits, pad_sequences,
@@ -17,13 +18,7 @@ VOCAB, PAD = 101, 0
 
 
 def tiny(arch: str):
-    torch.manual_seed(0)
-    if arch == "gpt2":
-        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64)
-    else:
-        config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return tiny_causal_lm(arch, VOCAB)
 
 
 # (prompt, response) token ids of different lengths

@@ -11,7 +11,9 @@ import re
 import pyarrow as pa
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+from transformers import AutoModelForCausalLM
+
+from helpers import records_batch, tiny_causal_lm
 
 from dpo_ray.logps import collate_pairs, concatenated_forward, pack_pairs, packs, pad_sequences
 
@@ -28,13 +30,7 @@ PAIRS = [
 
 
 def tiny(arch: str, attn: str = "sdpa"):
-    torch.manual_seed(0)
-    if arch == "gpt2":
-        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64)
-    else:
-        config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    return tiny_causal_lm(arch, VOCAB, attn)
 
 
 def padded_pairs(pairs, side="right"):
@@ -110,20 +106,17 @@ def test_flash_attention_models_take_the_padded_path():
 def _hh_records(hh_path, n: int, conversational: bool) -> pa.Table:
     """The first n HH lines as the data stage's record batch; conversational: each dialogue's
     turns as chat messages (the last assistant turn is the response)."""
-    lines = gzip.open(hh_path, "rt").read().splitlines()[:n]
-    records = []
-    for row, line in enumerate(lines, 1):
-        if conversational:
-            pair = json.loads(line)
+    rows = [json.loads(line) for line in gzip.open(hh_path, "rt").read().splitlines()[:n]]
+    if conversational:
+        for i, pair in enumerate(rows):
             turns = {}
             for side in ("chosen", "rejected"):
                 parts = re.split(r"\n\n(Human|Assistant): ?", pair[side])[1:]
                 turns[side] = [{"role": "user" if who == "Human" else "assistant", "content": text}
                                for who, text in zip(parts[::2], parts[1::2])]
-            line = json.dumps({"prompt": turns["chosen"][:-1], "chosen": turns["chosen"][-1:],
-                               "rejected": turns["rejected"][-1:]})
-        records.append({"source_file": str(hh_path), "source_row": row, "record": line, "read_error": None})
-    return pa.Table.from_pylist(records)
+            rows[i] = {"prompt": turns["chosen"][:-1], "chosen": turns["chosen"][-1:],
+                       "rejected": turns["rejected"][-1:]}
+    return records_batch(rows, str(hh_path))
 
 
 @pytest.mark.parametrize("conversational", [False, True], ids=["hh", "chat"])
