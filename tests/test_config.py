@@ -72,9 +72,13 @@ def test_every_actor_pool_is_requested_from_its_stage_config(monkeypatch):
     assert (kwargs["compute"].min_size, kwargs["compute"].max_size) == (1, 3)
     assert (kwargs["num_cpus"], kwargs["num_gpus"], kwargs["resources"]) == (2, 0, {"dpo_score": 1.0})
     assert checked == ["reference scorer actor pool"]
+    checked.clear()
     tokenizing = task_pool_kwargs(run.data.tasks, "tokenizer")  # tasks: no actor to start
     assert (tokenizing["compute"].size, tokenizing["num_cpus"]) == (2, 1.0)
     assert task_pool_kwargs(Tasks(), "tokenizer")["compute"].size is None
+    # Known work: as many actors as blocks from the start (within min..max), one block each at a time.
+    sized = [actor_pool_kwargs(run.reference.pool, "reference scorer", blocks)["compute"] for blocks in (2, 9)]
+    assert [(s.initial_size, s.max_tasks_in_flight_per_actor) for s in sized] == [(2, 1), (3, 1)]
     fixed = actor_pool_kwargs(Pool(min_actors=2, max_actors=2), "generation")["compute"]
     assert (fixed.min_size, fixed.max_size) == (2, 2)
     evaluation = load_config(EvalConfig, overrides=[

@@ -1,5 +1,6 @@
 """The reference stage through a real 2-actor pool and a real on-disk cache."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -72,14 +73,19 @@ def assert_matches_direct(result, model_path, n_expected):
 def tiny_run(ray_session, hh_path, tiny_llama, tmp_path_factory):
     cache = tmp_path_factory.mktemp("refcache")
     data_cfg, ref_cfg = configs(hh_path, tiny_llama, cache, limit=N_PAIRS)
-    before = forward_counts()["forwards"]
+    before = forward_counts()
     result = ensure_reference(data_cfg, ref_cfg)
-    return data_cfg, ref_cfg, result, forward_counts()["forwards"] - before
+    after = forward_counts()
+    scorers = {actor: pairs for actor, pairs in after["by_actor"].items() if actor not in before["by_actor"]}
+    return data_cfg, ref_cfg, result, after["forwards"] - before["forwards"], scorers
 
 
 def test_two_actor_pool_equals_direct_computation_tiny(tiny_run, tiny_llama):
-    _, _, result, forwards = tiny_run
+    _, ref_cfg, result, forwards, scorers = tiny_run
     assert not result.cache_hit and forwards > 0
+    # Both actors of the pool scored pairs (with one block in flight per actor, a block cannot
+    # queue behind a busy actor while the other idles).
+    assert ref_cfg.pool.max_actors == 2 and len(scorers) == 2 and sum(scorers.values()) == result.rows, scorers
     skipped = sum(result.data_report.skipped.values())  # row 87 of the first 256 is empty
     assert_matches_direct(result, tiny_llama, N_PAIRS - skipped)
     # Two actors finish blocks in any order, yet the cache holds the pairs in the source's row
@@ -88,8 +94,20 @@ def test_two_actor_pool_equals_direct_computation_tiny(tiny_run, tiny_llama):
     assert source_rows == sorted(source_rows)
 
 
+def test_a_growable_pool_scores_a_few_pairs_on_every_actor(ray_session, hh_path, tiny_llama, tmp_path):
+    """12 pairs, a pool of 1 to 2 actors: two blocks, one per actor from the start. (Ray Data's
+    autoscaler grows a pool only while its actors are busy, and one actor took both blocks.)"""
+    data_cfg, ref_cfg = configs(hh_path, tiny_llama, tmp_path, limit=12)
+    ref_cfg = dataclasses.replace(ref_cfg, batch_size=64, pool=Pool(min_actors=1, max_actors=2,
+                                                                     num_cpus_per_actor=0.5))
+    before = forward_counts()["by_actor"]
+    result = ensure_reference(data_cfg, ref_cfg)
+    scorers = {a: n for a, n in forward_counts()["by_actor"].items() if a not in before}
+    assert len(scorers) == 2 and sum(scorers.values()) == result.rows == 12, scorers
+
+
 def test_second_run_performs_zero_forward_passes(tiny_run):
-    data_cfg, ref_cfg, first, _ = tiny_run
+    data_cfg, ref_cfg, first, _, _ = tiny_run
     before = forward_counts()
     again = ensure_reference(data_cfg, ref_cfg)
     assert forward_counts() == before  # counted on the cluster-wide counter, not timed
@@ -99,7 +117,7 @@ def test_second_run_performs_zero_forward_passes(tiny_run):
 
 def test_key_ignores_training_settings_and_tracks_everything_that_changes_values(
         tiny_run, smollm2, tmp_path):
-    data_cfg, ref_cfg, first, _ = tiny_run
+    data_cfg, ref_cfg, first, _, _ = tiny_run
     key = lambda d=data_cfg, r=ref_cfg: cache_key(d, r)[0]  # noqa: E731
     # beta, learning rate (and the whole train section) are not inputs
     runs = [RunConfig(data=data_cfg, reference=ref_cfg, train=TrainConfig(beta=b, learning_rate=lr))
@@ -126,7 +144,7 @@ def test_key_ignores_training_settings_and_tracks_everything_that_changes_values
 
 
 def test_changed_max_length_recomputes(tiny_run):
-    data_cfg, ref_cfg, first, _ = tiny_run
+    data_cfg, ref_cfg, first, _, _ = tiny_run
     before = forward_counts()["forwards"]
     shorter = DataConfig(**{**data_cfg.__dict__, "max_length": 128, "max_prompt_length": 64,
                             "limit": 32})

@@ -11,6 +11,7 @@ sample), ``judgments.parquet`` (every judgment), ``summary.json``, ``report.md``
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,8 @@ def run_judge(pairs: pd.DataFrame, config: JudgeConfig) -> pd.DataFrame:
                                      "baseline_response"]])
     judged = ds.repartition(target_num_rows_per_block=config.batch_size).map_batches(
         _JudgeActor, fn_constructor_args=(config,), batch_format="pandas", batch_size=config.batch_size,
-        **actor_pool_kwargs(config.pool, f"judge {judge_label(config)!r}"))
+        **actor_pool_kwargs(config.pool, f"judge {judge_label(config)!r}",
+                            blocks=math.ceil(len(pairs) / config.batch_size)))
     with progress(f"judging ({judge_label(config)})", len(pairs), "pairs") as bar:
         judged = counted(judged, bar).to_pandas()
     return pairs[["prompt_id", "sample_index"]].merge(judged, on=["prompt_id", "sample_index"],

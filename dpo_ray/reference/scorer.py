@@ -33,13 +33,15 @@ class ForwardCounter:
 
     def __init__(self) -> None:
         self.forwards = self.pairs = 0
+        self.by_actor: dict[str, int] = {}  # pairs scored by each scoring actor (its Ray id)
 
-    def add(self, forwards: int, pairs: int) -> None:
+    def add(self, forwards: int, pairs: int, actor: str = "") -> None:
         self.forwards += forwards
         self.pairs += pairs
+        self.by_actor[actor] = self.by_actor.get(actor, 0) + pairs
 
     def get(self) -> dict:
-        return {"forwards": self.forwards, "pairs": self.pairs}
+        return {"forwards": self.forwards, "pairs": self.pairs, "by_actor": dict(self.by_actor)}
 
 
 COUNTER_NAMESPACE = "dpo_ray"
@@ -92,7 +94,7 @@ class ReferenceScorer:
                 out["ref_rejected_logps"][i] = float(result["rejected_logps"][j])
                 out["chosen_response_tokens"][i] = int(result["chosen_tokens"][j])
                 out["rejected_response_tokens"][i] = int(result["rejected_tokens"][j])
-        ray.get(self.counter.add.remote(forwards, n))
+        ray.get(self.counter.add.remote(forwards, n, ray.get_runtime_context().get_actor_id() or ""))
         for name, arrow_type in REFERENCE_COLUMNS.items():
             batch = batch.append_column(name, pa.array(out[name], arrow_type))
         return batch
@@ -106,13 +108,14 @@ def score_pairs(pairs: ray.data.Dataset, config, scorer_cls=ReferenceScorer,
     # but one actor idle. Blocks of one batch each spread the work over the pool, and fewer pairs
     # than a batch per actor get smaller blocks (64 pairs were one 64-pair block: one actor of
     # two, one core of two, worked).
-    per_block = config.batch_size
+    per_block, blocks = config.batch_size, None
     if rows is not None:
         per_block = max(config.micro_batch_size, min(per_block, math.ceil(rows / config.pool.max_actors)))
+        blocks = math.ceil(rows / per_block)
     return pairs.repartition(target_num_rows_per_block=per_block).map_batches(
         scorer_cls,
         fn_constructor_args=(config,),
         batch_format="pyarrow",
         batch_size=per_block,
-        **actor_pool_kwargs(config.pool, "reference scorer"),
+        **actor_pool_kwargs(config.pool, "reference scorer", blocks),
     )
