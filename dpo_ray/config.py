@@ -270,10 +270,14 @@ class TrainConfig:
     # Within a window, a batch takes pairs of similar length, so packed rows carry little padding.
     group_by_length: bool = True
     # Precision of the policy's weights (and so of its gradients and Adam state). bfloat16 halves
-    # them; bf16 is autocast on top of either. With weights or compute in bfloat16 while the
-    # reference was scored in float32, the step-0 guard compares relative, not absolute, deviations.
+    # them, but rounds small updates away; with bfloat16 weights and a float32 reference, the
+    # step-0 guard compares relative, not absolute, deviations.
     dtype: Literal["float32", "bfloat16"] = "float32"
-    bf16: bool = False  # bfloat16 autocast of forward and backward
+    # bfloat16 autocast of forward and backward over float32 weights (master weights and AdamW
+    # state stay float32). "auto" (as TRL, which turns bf16 on by default): on where the training
+    # device computes bfloat16 fast (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), decided
+    # in the worker and written to the run's precision.json; false = float32 throughout.
+    bf16: bool | Literal["auto"] = "auto"
     # Passed to from_pretrained: "eager", "sdpa", "flash_attention_2"...; None = transformers' default.
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time

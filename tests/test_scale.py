@@ -156,6 +156,45 @@ def train_state_of_full_model(model_folder) -> float:
     return sum(v.numel() for v in weights(model_folder).values()) * 16 / 2**20
 
 
+def test_bf16_autocast_tracks_the_float32_run_and_its_step0_guard_stays_exact(reference_run, hh_path,
+                                                                                tiny_llama, reference_cache,
+                                                                                tmp_path):
+    """bf16 autocast over float32 weights (the default where the CPU or GPU has bf16): the step-0
+    guard checks a float32 pass against the float32 cache (absolute, as without autocast), and
+    the losses follow the plain float32 run within rounding."""
+    run = train(run_config(hh_path, tiny_llama, tmp_path, "autocast", reference_cache, bf16=True, **STEPS))
+    assert json.loads((run.run_dir / "precision.json").read_text()) == {
+        "weights": "float32", "bf16_autocast": True, "why": "train.bf16=true", "device": "cpu"}
+    guard = json.loads((run.run_dir / "step0_guard.json").read_text())
+    assert guard["policy_precision"] == "float32" and guard["max_abs_logratio"] < 1e-3, guard
+    assert guard["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    # The passes that trained ran in bf16: rounding moves their log-probs off the cache (the
+    # absolute check on them would fire)...
+    assert run.metrics[0]["max_abs_logratio"] > 1e-3
+    # ...and the losses stay within rounding of the float32 run's.
+    for ours, plain in zip(run.metrics, reference_run.metrics, strict=True):
+        assert ours["loss"] == pytest.approx(plain["loss"], abs=5e-3), ours["step"]
+        if "eval_loss" in plain:
+            assert ours["eval_loss"] == pytest.approx(plain["eval_loss"], abs=5e-3), ours["step"]
+
+
+def test_bf16_auto_is_on_where_the_device_computes_bf16_fast_and_false_turns_it_off():
+    from dpo_ray.config import RunConfig, TrainConfig, load_config
+    from dpo_ray.models import bf16_autocast
+
+    assert TrainConfig().bf16 == "auto"
+    cpu = torch.device("cpu")
+    fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    on, why = bf16_autocast("auto", cpu)
+    assert on == fast and why.startswith("train.bf16=auto: the CPU ")
+    assert bf16_autocast(False, cpu) == (False, "train.bf16=false")
+    assert bf16_autocast(True, cpu) == (True, "train.bf16=true")
+    base = ["data.source=x", "data.tokenizer=t", "reference.model=m"]
+    assert load_config(RunConfig, overrides=[*base, "train.bf16=false"]).train.bf16 is False
+    with pytest.raises(ValueError, match="train.bf16"):
+        load_config(RunConfig, overrides=[*base, "train.bf16=sometimes"])
+
+
 def test_bfloat16_weights_pass_the_step0_guard_against_a_float32_cache(ray_session, hh_path,
                                                                         tiny_llama, reference_cache,
                                                                         tmp_path):
@@ -193,12 +232,12 @@ def test_step0_guard_in_low_precision_tolerates_rounding_and_names_both_precisio
 
     rounding = {"loss": 0.70, "rewards/chosen": 0.01, "rewards/rejected": -0.01,
                 "max_abs_logratio": 0.8, "max_rel_logratio": 0.004}  # 0.4% of |logp_ref|
-    _step0_guard(rounding, TrainConfig(dtype="bfloat16"), "float32")  # passes
-    _step0_guard(rounding, TrainConfig(bf16=True), "float32")
-    _step0_guard(rounding, TrainConfig(), "bfloat16")
+    _step0_guard(rounding, TrainConfig(dtype="bfloat16"), "bfloat16", "float32")  # passes
+    _step0_guard(rounding, TrainConfig(bf16=True), "bfloat16", "float32")
+    _step0_guard(rounding, TrainConfig(), "float32", "bfloat16")
     with pytest.raises(Step0GuardError, match="expected 0"):  # float32 on both sides: absolute
-        _step0_guard(rounding, TrainConfig(), "float32")
+        _step0_guard(rounding, TrainConfig(), "float32", "float32")
     wrong_cache = {**rounding, "max_abs_logratio": 40.0, "max_rel_logratio": 0.3}
     with pytest.raises(Step0GuardError, match=r"runs in bfloat16 \(train.dtype=bfloat16.*scored in "
                                               r"float32.*wrong cache, model or tokenizer"):
-        _step0_guard(wrong_cache, TrainConfig(dtype="bfloat16"), "float32")
+        _step0_guard(wrong_cache, TrainConfig(dtype="bfloat16"), "bfloat16", "float32")

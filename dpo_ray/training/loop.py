@@ -21,6 +21,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from dpo_ray.logps import collate_pairs, concatenate_pairs, concatenated_forward
 from dpo_ray.losses import preference_loss, reward_model_loss
+from dpo_ray.models import bf16_autocast
 from dpo_ray.tracking import Tracker, TrackingPlan
 from dpo_ray.training import checkpoint, metrics
 from dpo_ray.training.batching import epoch_batches
@@ -107,6 +108,11 @@ def train_loop_per_worker(config: dict) -> None:
     policy = load_policy(plan.policy, plan.pad_id, run)
     model = parallelize(policy, t.parallel_strategy)
     device = ray.train.torch.get_device()
+    bf16, why = bf16_autocast(t.bf16, device)
+    precision = "bfloat16" if bf16 or t.dtype == "bfloat16" else "float32"
+    if rank == 0:  # the driver prints it after the run
+        (Path(plan.run_dir) / "precision.json").write_text(json.dumps(
+            {"weights": t.dtype, "bf16_autocast": bf16, "why": why, "device": device.type}))
     optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], t)
     scheduler = _scheduler(optimizer, t, total_steps)
 
@@ -145,13 +151,25 @@ def train_loop_per_worker(config: dict) -> None:
             sums = torch.zeros(len(metrics.SUMS), dtype=torch.float64)
             # |logp_policy - logp_ref|, largest over pairs, absolute and relative to |logp_ref|
             # (the step-0 guard)
-            max_abs_logratio, max_rel_logratio = 0.0, 0.0
+            deviations = (0.0, 0.0)
+            # Step 0 of a policy that starts as the reference, with float32 weights under bf16
+            # autocast and a float32 cache: the guard also runs each micro-batch once in float32
+            # (no gradients), so it stays exact (absolute tolerance) instead of relative.
+            exact_guard = (step == 0 and plan.policy_is_reference and bf16 and t.dtype == "float32"
+                           and plan.reference_dtype == "float32")
+            guard_sums, guard_deviations = torch.zeros_like(sums), (0.0, 0.0)
             fingerprint = int(micro_batches[0].pop("global_batch_crc"))
             for i, batch in enumerate(micro_batches):
                 batch = {k: v.to(device) for k, v in batch.items()}
+                if exact_guard:
+                    with torch.no_grad():
+                        out, losses, chosen_rewards, rejected_rewards = pair_losses(
+                            policy, batch, t, plan.pad_id)
+                    guard_sums += _pair_sums(losses, chosen_rewards, rejected_rewards, out, batch)
+                    guard_deviations = _deviations(guard_deviations, out, batch)
                 last = i == len(micro_batches) - 1
                 sync = gradient_sync(model, enabled=last)
-                autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.bf16)
+                autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
                 with sync, autocast:
                     out, losses, chosen_rewards, rejected_rewards = pair_losses(
                         model, batch, t, plan.pad_id)
@@ -160,26 +178,29 @@ def train_loop_per_worker(config: dict) -> None:
                     (losses.sum() / (global_batch // world)).backward()
                 sums += _pair_sums(losses, chosen_rewards, rejected_rewards, out, batch)
                 if t.objective == "dpo":
-                    deviation = torch.cat([
-                        out["chosen_logps"].detach() - batch["ref_chosen_logps"],
-                        out["rejected_logps"].detach() - batch["ref_rejected_logps"]]).abs()
-                    reference = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
-                    max_abs_logratio = max(max_abs_logratio, float(deviation.max()))
-                    max_rel_logratio = max(max_rel_logratio, float(
-                        (deviation / reference.abs().clamp(min=1.0)).max()))
+                    deviations = _deviations(deviations, out, batch)
 
             # 5. Metrics averaged over workers; the step-0 guard before anything is updated.
             totals = metrics.all_reduce_sum(sums, device)
-            step_logratio = metrics.all_max(max_abs_logratio, device)
-            step_rel_logratio = metrics.all_max(max_rel_logratio, device)
+            step_logratio = metrics.all_max(deviations[0], device)
             window = [w + x for w, x in zip(window, totals)]
             window_logratio = max(window_logratio, step_logratio)
             if world > 1 and not metrics.same_on_all_ranks(fingerprint, device):
                 raise RuntimeError("ranks disagree on the global batch: the data order is not "
                                    "shared, so pairs would be skipped or repeated")
             if step == 0 and plan.policy_is_reference:
-                _step0_guard({**metrics.means(totals, t.objective), "max_abs_logratio": step_logratio,
-                              "max_rel_logratio": step_rel_logratio}, t, plan.reference_dtype)
+                if exact_guard:
+                    guard_totals, guard_precision = metrics.all_reduce_sum(guard_sums, device), "float32"
+                else:
+                    guard_totals, guard_deviations, guard_precision = totals, deviations, precision
+                checked = {**metrics.means(guard_totals, t.objective),
+                           "max_abs_logratio": metrics.all_max(guard_deviations[0], device),
+                           "max_rel_logratio": metrics.all_max(guard_deviations[1], device)}
+                if rank == 0:  # what the guard compared, kept with the run for an audit
+                    (Path(plan.run_dir) / "step0_guard.json").write_text(json.dumps(
+                        {"policy_precision": guard_precision, "reference_dtype": plan.reference_dtype,
+                         **{k: checked[k] for k in ("loss", "max_abs_logratio", "max_rel_logratio")}}))
+                _step0_guard(checked, t, guard_precision, plan.reference_dtype)
 
             # 6. Clip, step, schedule.
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
@@ -199,7 +220,7 @@ def train_loop_per_worker(config: dict) -> None:
             evaluated = {}
             if plan.has_eval and (step == total_steps or (
                     t.eval_steps > 0 and step % t.eval_steps == 0)):
-                evaluated = _evaluate(policy, rank, world, t, plan, device)
+                evaluated = _evaluate(policy, rank, world, t, plan, device, bf16)
 
             # 8. Report (a barrier: every rank, same steps); rank 0 logs and writes checkpoints.
             if log:
@@ -257,9 +278,10 @@ def pair_losses(model, batch: dict, t, pad_id: int):
 
 
 @torch.no_grad()
-def _evaluate(policy, rank, world, t, plan: WorkerPlan, device) -> dict[str, float]:
-    """``eval_``-prefixed metrics over the whole held-out split (rows rank::world per batch).
-    The policy module itself runs (not the DDP wrapper): no gradients, nothing to synchronise."""
+def _evaluate(policy, rank, world, t, plan: WorkerPlan, device, bf16: bool) -> dict[str, float]:
+    """``eval_``-prefixed metrics over the whole held-out split (rows rank::world per batch), in
+    the training passes' precision. The policy module itself runs (not the DDP wrapper): no
+    gradients, nothing to synchronise."""
     policy.eval()
     sums = torch.zeros(len(metrics.SUMS), dtype=torch.float64)
     collate = RankPairCollate(rank, world, 1, plan.pad_id)
@@ -275,8 +297,9 @@ def _evaluate(policy, rank, world, t, plan: WorkerPlan, device) -> dict[str, flo
             if plan.eval_chosen_mean_tokens is not None:
                 batch["chosen_mean_tokens"] = torch.tensor(plan.eval_chosen_mean_tokens, dtype=torch.float64)
             batch = {k: v.to(device) for k, v in batch.items()}
-            out, losses, chosen_rewards, rejected_rewards = pair_losses(
-                policy, batch, t, plan.pad_id)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out, losses, chosen_rewards, rejected_rewards = pair_losses(
+                    policy, batch, t, plan.pad_id)
             sums += _pair_sums(losses, chosen_rewards, rejected_rewards, out, batch)
     policy.train()
     return metrics.means(metrics.all_reduce_sum(sums, device), t.objective, prefix="eval_")
@@ -302,17 +325,27 @@ def _pair_sums(losses, chosen_rewards, rejected_rewards, out, batch) -> torch.Te
         int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()))
 
 
-def _step0_guard(step_metrics: dict, t, reference_dtype: str) -> None:
+def _deviations(previous: tuple[float, float], out: dict, batch: dict) -> tuple[float, float]:
+    """The largest |logp_policy - logp_ref| over ``previous`` and this micro-batch's pairs:
+    (absolute in nats, relative to max(|logp_ref|, 1))."""
+    deviation = torch.cat([out["chosen_logps"].detach() - batch["ref_chosen_logps"],
+                           out["rejected_logps"].detach() - batch["ref_rejected_logps"]]).abs()
+    reference = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).abs().clamp(min=1.0)
+    return (max(previous[0], float(deviation.max())),
+            max(previous[1], float((deviation / reference).max())))
+
+
+def _step0_guard(step_metrics: dict, t, policy_precision: str, reference_dtype: str) -> None:
     """Policy == reference at step 0, so every log-ratio (hence reward) is 0 and the sigmoid loss
     ln 2. Anything else means the cached values do not belong to this policy or tokenization.
     The log-ratio is checked directly: through beta, rewards would hide a mismatch when beta is small.
 
-    When either side ran in low precision (bfloat16 weights or autocast, a bfloat16/float16
-    reference), rounding alone moves a sequence's log-prob by ~1% of its size, so the check is
-    relative: |logp_policy - logp_ref| <= step0_rtol_low_precision * |logp_ref|. A wrong cache,
+    ``step_metrics`` come from passes in ``policy_precision``. When either side ran in low
+    precision (bfloat16 weights, a bfloat16/float16 reference, or bf16 autocast where no float32
+    check pass ran), rounding alone moves a sequence's log-prob by ~1% of its size, so the check
+    is relative: |logp_policy - logp_ref| <= step0_rtol_low_precision * |logp_ref|. A wrong cache,
     model or tokenizer is off by far more, so the guard still fires for those.
     """
-    policy_precision = "bfloat16" if t.bf16 or t.dtype == "bfloat16" else "float32"
     if policy_precision != "float32" or reference_dtype != "float32":
         if step_metrics["max_rel_logratio"] > t.step0_rtol_low_precision:
             raise Step0GuardError(

@@ -278,6 +278,11 @@ def train(config: RunConfig, source=None) -> TrainResult:
         if tracking is not None:
             Tracker(tracking).close("FAILED")
         raise
+    precision = run_dir / "precision.json"  # written by rank 0, which resolved train.bf16
+    if precision.exists():
+        used = json.loads(precision.read_text())
+        print(f"precision: {used['weights']} weights, bf16 autocast {'on' if used['bf16_autocast'] else 'off'}"
+              f" ({used['why']})", flush=True)
     final = run_dir / "final_model"
     if final.exists():
         shutil.rmtree(final)
