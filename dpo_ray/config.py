@@ -200,6 +200,9 @@ class ReferenceConfig:
     # padding; false: chosen and rejected as padded rows. Same values to float rounding
     # (dpo_ray/logps.py); models whose attention cannot take the mask (flash) always pad.
     padding_free: bool = True
+    # Log-probs this many vocabulary entries at a time (dpo_ray/logps.py), so the (positions x
+    # vocabulary) logits are never whole; 0 = the whole logits at once. Same values to rounding.
+    vocab_chunk_size: NonNegativeInt = 8192
 
 
 @dataclass(config=STRICT)
@@ -283,6 +286,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     # As reference.padding_free, for the policy's passes (training and held-out evaluation).
     padding_free: bool = True
+    # As reference.vocab_chunk_size, for the policy's passes. Backward recomputes each chunk's
+    # logits: one more LM-head matmul (~3-5% of a SmolLM2 step on CPU, measured) for the memory
+    # of the logits. FSDP keeps the whole logits (its sharded head is whole only in its forward).
+    vocab_chunk_size: NonNegativeInt = 8192
     peft: LoraConfig | None = None  # LoRA adapters instead of full fine-tuning
     # ddp: every worker holds the whole model (Ray Train's prepare_model). fsdp: parameters,
     # gradients and optimizer state are sharded across workers (FSDP2 fully_shard per decoder layer).

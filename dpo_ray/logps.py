@@ -7,6 +7,7 @@ Notation: B pairs in a batch, T tokens per padded sequence, V vocabulary size.
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 
@@ -57,7 +58,7 @@ def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   labels: torch.Tensor, vocab_chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``sequence_logps`` of the model's output, computing vocabulary logits only at the positions
     whose next token is labelled (response tokens): prompt and padding positions go through the
     model body, where they are context, but not through the LM head.
@@ -65,21 +66,37 @@ def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     The LM head's (positions x V) logits are most of a small model's compute and memory; with
     prompts ~70% of the real tokens and padding on top, 10-15% of the positions need them. The
     kept positions go to transformers as a boolean ``logits_to_keep`` mask, which returns their
-    logits flattened to (N, V) in row-major order. A model whose forward has no
-    ``logits_to_keep`` gets the full (B, T, V) path; both give the same values.
+    logits flattened to (N, V) in row-major order; a model whose forward has no
+    ``logits_to_keep`` returns (B, T, V), of which the same positions are kept. ``vocab_chunk``
+    > 0: the head runs a vocabulary chunk at a time (``output_head``), never (N, V) whole.
 
     Shapes: input_ids, attention_mask, labels (B, T) -> logps (B,) float64, token counts (B,).
     """
     predicts = torch.zeros_like(labels, dtype=torch.bool)  # (B, T): position t predicts t + 1
     predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    if keeps_logits(model):
-        logits = model_forward_logits(model, input_ids, attention_mask, logits_to_keep=predicts)
-        if logits.ndim == 2:  # (N, V): the kept positions, row by row
-            token_logps = _token_logps(logits, labels[:, 1:][predicts[:, :-1]])  # (N,)
-            rows = predicts.nonzero()[:, 0]  # (N,) the sequence of each kept position
-            logps = torch.zeros(labels.shape[0], dtype=torch.float64, device=labels.device)
-            return logps.index_add(0, rows, token_logps.double()), predicts.sum(-1)
-    return sequence_logps(model_forward_logits(model, input_ids, attention_mask), labels)
+    kwargs = {"logits_to_keep": predicts} if keeps_logits(model) else {}
+    head = output_head(model, vocab_chunk)
+    with _head_skipped(head):
+        out = model_forward_logits(model, input_ids, attention_mask, **kwargs)
+    if out.ndim == 3:  # (B, T, D): every position; keep the predicting ones, row-major
+        out = out[predicts]
+    targets = labels[:, 1:][predicts[:, :-1]]  # (N,)
+    token_logps = terms_logps(out, torch.arange(len(targets), device=out.device), targets, head, vocab_chunk)
+    logps = torch.zeros(labels.shape[0], dtype=torch.float64, device=labels.device)
+    return logps.index_add(0, predicts.nonzero()[:, 0], token_logps.double()), predicts.sum(-1)
+
+
+def terms_logps(out: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, head=None,
+                vocab_chunk: int = 0) -> torch.Tensor:
+    """log p(targets[n] | row rows[n]) for N terms, float32: ``out`` is the (K, V) logits of K
+    positions, or, with ``head`` (``output_head``), their (K, H) hidden states, which the head
+    turns into log-probs ``vocab_chunk`` vocabulary entries at a time (``_ChunkedTokenLogps``).
+    One logsumexp per position, however many terms share it (the packed path's first chosen and
+    first rejected token share the last prompt token's)."""
+    if head is not None:
+        return _ChunkedTokenLogps.apply(out, head.weight, head.bias, rows, targets, vocab_chunk)
+    picked = out[rows, targets].float()  # (N,)
+    return picked - torch.logsumexp(out.float(), dim=-1)[rows]
 
 
 def keeps_logits(model) -> bool:
@@ -181,7 +198,7 @@ def concatenate_pairs(chosen_input_ids: torch.Tensor, chosen_attention_mask: tor
 def concatenated_forward(model, chosen_input_ids: torch.Tensor, chosen_attention_mask: torch.Tensor,
                          rejected_input_ids: torch.Tensor, rejected_attention_mask: torch.Tensor,
                          prompt_lengths: torch.Tensor, pad_id: int,
-                         padding_free: bool = True) -> dict[str, torch.Tensor]:
+                         padding_free: bool = True, vocab_chunk: int = 0) -> dict[str, torch.Tensor]:
     """Chosen and rejected of B pairs through the model in one pass.
 
     ``padding_free`` (and a model that takes a custom attention mask, see ``packs``): each pair
@@ -190,6 +207,7 @@ def concatenated_forward(model, chosen_input_ids: torch.Tensor, chosen_attention
     rejected are stacked as (2B, T) rows right-padded to a common T (one pass instead of two
     halves the kernel launches and, under DDP/FSDP, the collective calls per step, as the
     original DPO repo does). Both give the same values to float rounding (tests/test_packing.py).
+    ``vocab_chunk`` > 0: log-probs a vocabulary chunk at a time (``output_head``), either way.
 
     Args:
         chosen_input_ids, rejected_input_ids: (B, Tc), (B, Tr) long, prompt + response.
@@ -202,12 +220,12 @@ def concatenated_forward(model, chosen_input_ids: torch.Tensor, chosen_attention
     if padding_free and packs(model):
         packed = pack_pairs(chosen_input_ids, chosen_attention_mask, rejected_input_ids,
                             rejected_attention_mask, prompt_lengths, pad_id)
-        logps, tokens = packed_logps(model, packed)  # (2B,), (2B,)
+        logps, tokens = packed_logps(model, packed, vocab_chunk)  # (2B,), (2B,)
     else:
         input_ids, attention_mask = concatenate_pairs(chosen_input_ids, chosen_attention_mask,
                                                       rejected_input_ids, rejected_attention_mask, pad_id)
         labels = response_labels(input_ids, prompt_lengths.repeat(2), attention_mask)  # (2B, T)
-        logps, tokens = response_logps(model, input_ids, attention_mask, labels)  # (2B,), (2B,)
+        logps, tokens = response_logps(model, input_ids, attention_mask, labels, vocab_chunk)  # (2B,), (2B,)
     return {
         "chosen_logps": logps[:batch], "rejected_logps": logps[batch:],
         "chosen_tokens": tokens[:batch], "rejected_tokens": tokens[batch:],
@@ -329,14 +347,15 @@ def pack_pairs(chosen_input_ids: torch.Tensor, chosen_attention_mask: torch.Tens
                        torch.tensor(owner, dtype=torch.long, device=device), 2 * batch)
 
 
-def packed_logps(model, packed: PackedPairs) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_logps(model, packed: PackedPairs, vocab_chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs of the 2B sequences of ``packed`` in one forward:
 
         logp(seq k) = sum over terms n with owner[n] = k of
                       logit[predictor[n], targets[n]] - logsumexp(logit[predictor[n], :])
 
     The LM head runs only at ``keep`` positions (each once, even where it predicts both c0 and
-    r0). Returns logps (2B,) float64 (rows 0..B-1 chosen, B..2B-1 rejected) and token counts (2B,).
+    r0). ``vocab_chunk`` > 0: the head runs a vocabulary chunk at a time (``output_head``).
+    Returns logps (2B,) float64 (rows 0..B-1 chosen, B..2B-1 rejected) and token counts (2B,).
     """
     inner = _inner(model)
     if inner.config._attn_implementation == "sdpa":
@@ -346,14 +365,125 @@ def packed_logps(model, packed: PackedPairs) -> tuple[torch.Tensor, torch.Tensor
         mask = torch.zeros(packed.allowed.shape, dtype=dtype, device=packed.allowed.device)
         mask = mask.masked_fill(~packed.allowed, torch.finfo(dtype).min)[:, None]
     kwargs = {"logits_to_keep": packed.keep} if keeps_logits(model) else {}
-    logits = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
-                   use_cache=False, **kwargs).logits
-    if logits.ndim == 2:  # (K, V): the kept positions, row-major; map flat positions to rows
+    head = output_head(model, vocab_chunk)
+    with _head_skipped(head):
+        out = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                    use_cache=False, **kwargs).logits
+    if out.ndim == 2:  # (K, D): the kept positions, row-major; map flat positions to rows
         rows = (packed.keep.flatten().long().cumsum(0) - 1)[packed.predictor]
-    else:  # (R, L, V)
-        logits, rows = logits.flatten(0, 1), packed.predictor
-    picked = logits[rows, packed.targets].float()  # (N,)
-    token_logps = picked - torch.logsumexp(logits.float(), dim=-1)[rows]  # one logsumexp per row
-    logps = torch.zeros(packed.sequences, dtype=torch.float64, device=picked.device)
+    else:  # (R, L, D)
+        out, rows = out.flatten(0, 1), packed.predictor
+    token_logps = terms_logps(out, rows, packed.targets, head, vocab_chunk)  # (N,)
+    logps = torch.zeros(packed.sequences, dtype=torch.float64, device=token_logps.device)
     counts = torch.bincount(packed.owner, minlength=packed.sequences)
     return logps.index_add(0, packed.owner, token_logps.double()), counts
+
+
+# -- Log-probs a vocabulary chunk at a time ---------------------------------------------------
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """log p(target) = logit[target] - logsumexp_v(logit[v]), logit = hidden @ weight.T + bias,
+    for N (row, target) terms, with the LM head applied one vocabulary chunk at a time: the
+    (K x V) logits are never whole, in forward or in backward. Backward recomputes each chunk's
+    logits (one more head matmul: the price of the memory, as gradient checkpointing pays it for
+    the body).
+
+    Shapes: hidden (K, H), weight (V, H), bias (V,) or None, rows (N,) long (the hidden row of
+    each term), targets (N,) long -> (N,) float32.
+    Backward, chunk by chunk: d logit[k, v] = sum of g[n] over terms n on row k with target v
+                                             - G[k] * softmax(logit[k])[v],
+    G[k] = sum of g[n] over the terms on row k (g: the upstream gradient of each term).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, rows, targets, chunk):
+        device = hidden.device.type
+        lse = torch.full((hidden.shape[0],), -torch.inf, dtype=torch.float32, device=hidden.device)
+        picked = torch.zeros(rows.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, weight.shape[0], chunk):
+            logits = F.linear(hidden, weight[start:start + chunk],
+                              None if bias is None else bias[start:start + chunk]).float()  # (K, c)
+            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+            inside = (targets >= start) & (targets < start + chunk)
+            picked[inside] = logits[rows[inside], targets[inside] - start]
+        ctx.save_for_backward(hidden, weight, bias, rows, targets, lse)
+        ctx.chunk = chunk
+        # Backward recomputes the logits as forward computed them (bf16 matmuls under autocast).
+        ctx.autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return picked - lse[rows]
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (N,)
+        hidden, weight, bias, rows, targets, lse = ctx.saved_tensors
+        device = hidden.device.type
+        row_grad = torch.zeros_like(lse).index_add(0, rows, grad.float())  # G (K,)
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
+            if bias is not None and ctx.needs_input_grad[2] else None
+        # The matmuls run as forward's did: in bf16 under autocast (as autograd's own backward
+        # of the head would), accumulated in float32.
+        autocast = torch.autocast(device, dtype=ctx.autocast or torch.bfloat16, enabled=ctx.autocast is not None)
+        for start in range(0, weight.shape[0], ctx.chunk):
+            w = weight[start:start + ctx.chunk]
+            with autocast:
+                logits = F.linear(hidden, w, None if bias is None else bias[start:start + ctx.chunk])
+            d_logits = -row_grad[:, None] * torch.exp(logits.float() - lse[:, None])  # (K, c)
+            inside = (targets >= start) & (targets < start + ctx.chunk)
+            d_logits.index_put_((rows[inside], targets[inside] - start), grad[inside].float(), accumulate=True)
+            if ctx.autocast is None:  # bfloat16 weights without autocast: matmuls in their dtype
+                d_logits = d_logits.to(w.dtype)
+            with autocast:
+                grad_hidden += d_logits @ w
+                if grad_weight is not None:
+                    grad_weight[start:start + ctx.chunk] = d_logits.T @ hidden.to(d_logits.dtype)
+            if grad_bias is not None:
+                grad_bias[start:start + ctx.chunk] = d_logits.sum(0)
+        return (grad_hidden.to(hidden.dtype),
+                None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
+
+
+# Configs whose logits are changed after the LM head (soft-capping, scaling): the chunked path
+# would skip that, so such models keep the whole-logits path.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def output_head(model, vocab_chunk: int):
+    """The LM head to apply a vocabulary chunk at a time, or None for the whole-logits path:
+    ``vocab_chunk`` > 0 and below the vocabulary size, a plain ``nn.Linear`` head (not wrapped by
+    LoRA, not sharded by FSDP), and nothing applied to the logits after it."""
+    if vocab_chunk <= 0:
+        return None
+    inner = _inner(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or head.weight.shape[0] <= vocab_chunk:
+        return None
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(head.weight, DTensor):  # FSDP2: the weight is whole only inside its forward
+        return None
+    config = getattr(inner, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING):
+        return None
+    return head
+
+
+@contextmanager
+def _head_skipped(head):
+    """Inside, the model's forward returns the hidden states its LM head would read (the head is
+    the identity), so ``terms_logps`` can apply the head chunk by chunk. ``head`` None: no change."""
+    if head is None:
+        yield
+        return
+    head.forward = _identity  # an instance attribute shadows nn.Linear.forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _identity(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden

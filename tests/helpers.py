@@ -89,10 +89,12 @@ def run_config(hh_path, model, out_dir, name, cache, pairs=16, **train_kw):
                         max_length=96, max_prompt_length=48),
         reference=ReferenceConfig(model=str(model), cache_dir=str(cache),
                                   pool=Pool(num_cpus_per_actor=0.5)),
-        # float32 unless a test asks for bf16: the training tests compare runs to 1e-5, and bf16
-        # rounding depends on how pairs are packed, so it differs between such runs.
+        # float32 and whole logits unless a test asks otherwise: the training tests compare runs
+        # to 1e-5 and FSDP always takes the whole logits; bf16 rounding depends on how pairs are
+        # packed, and chunked log-probs differ at 1e-6, which AdamW turns into weight differences.
         train=TrainConfig(output_dir=str(Path(out_dir) / "runs"), run_name=name, seed=0,
-                          **{"num_workers": 2, "cpus_per_worker": 1.0, "bf16": False, **train_kw}),
+                          **{"num_workers": 2, "cpus_per_worker": 1.0, "bf16": False,
+                             "vocab_chunk_size": 0, **train_kw}),
     )
 
 

@@ -39,12 +39,14 @@ def padded_pairs(pairs, side="right"):
     return c_ids, c_mask, r_ids, r_mask, torch.tensor([len(p) for p, _, _ in pairs])
 
 
-def both_paths(model, tensors):
-    """(packed, padded) outputs of ``concatenated_forward`` and the gradient of a loss on each."""
+def both_paths(model, tensors, packed_vocab_chunk=0):
+    """(packed, padded) outputs of ``concatenated_forward`` and the gradient of a loss on each
+    (the packed path's log-probs in vocabulary chunks when ``packed_vocab_chunk`` > 0)."""
     results = []
     for padding_free in (True, False):
         model.zero_grad()
-        out = concatenated_forward(model, *tensors, PAD, padding_free=padding_free)
+        out = concatenated_forward(model, *tensors, PAD, padding_free=padding_free,
+                                   vocab_chunk=packed_vocab_chunk if padding_free else 0)
         (out["chosen_logps"].sum() - 2 * out["rejected_logps"].sum()).backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results.append(({k: v.detach() for k, v in out.items()}, grads))
@@ -123,7 +125,8 @@ def _hh_records(hh_path, n: int, conversational: bool) -> pa.Table:
 def test_smollm2_on_real_hh_pairs(smollm2, hh_path, conversational):
     """Real model, real pairs tokenized by the data stage's own tokenizer: 6 HH pairs cut to 96
     tokens (prompts cut from the left, responses from the right), plain and as chat messages;
-    the packed and padded log-probs and gradients agree."""
+    the packed path (log-probs in 8192-entry vocabulary chunks, as by default) and the padded
+    path (whole logits) give the same log-probs and gradients."""
     from dpo_ray.config import DataConfig
     from dpo_ray.data.tokenize import PairTokenizer
 
@@ -137,7 +140,7 @@ def test_smollm2_on_real_hh_pairs(smollm2, hh_path, conversational):
     model = AutoModelForCausalLM.from_pretrained(smollm2, attn_implementation="sdpa").train()
     tensors = tuple(batch[k] for k in ("chosen_input_ids", "chosen_attention_mask", "rejected_input_ids",
                                       "rejected_attention_mask", "prompt_lengths"))
-    (packed, packed_grads), (padded, padded_grads) = both_paths(model, tensors)
+    (packed, packed_grads), (padded, padded_grads) = both_paths(model, tensors, packed_vocab_chunk=8192)
     for key in ("chosen_logps", "rejected_logps"):
         torch.testing.assert_close(packed[key], padded[key], atol=2e-4, rtol=0)  # measured 4e-5
     assert packed["rejected_tokens"].tolist() == padded["rejected_tokens"].tolist()

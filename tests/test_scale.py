@@ -162,7 +162,8 @@ def test_bf16_autocast_tracks_the_float32_run_and_its_step0_guard_stays_exact(re
     """bf16 autocast over float32 weights (the default where the CPU or GPU has bf16): the step-0
     guard checks a float32 pass against the float32 cache (absolute, as without autocast), and
     the losses follow the plain float32 run within rounding."""
-    run = train(run_config(hh_path, tiny_llama, tmp_path, "autocast", reference_cache, bf16=True, **STEPS))
+    run = train(run_config(hh_path, tiny_llama, tmp_path, "autocast", reference_cache, bf16=True,
+                           vocab_chunk_size=8192, **STEPS))  # chunked log-probs, as by default
     assert json.loads((run.run_dir / "precision.json").read_text()) == {
         "weights": "float32", "bf16_autocast": True, "why": "train.bf16=true", "device": "cpu"}
     guard = json.loads((run.run_dir / "step0_guard.json").read_text())
@@ -199,7 +200,7 @@ def test_bfloat16_weights_pass_the_step0_guard_against_a_float32_cache(ray_sessi
                                                                         tiny_llama, reference_cache,
                                                                         tmp_path):
     result = train(run_config(hh_path, tiny_llama, tmp_path, "bf16", reference_cache, dtype="bfloat16",
-                              **{**STEPS, "max_steps": 2}))
+                              vocab_chunk_size=8192, **{**STEPS, "max_steps": 2}))
     first = result.metrics[0]
     # Rounding moves log-probs off the float32 cache (the absolute check would fire)...
     assert first["max_abs_logratio"] > 1e-3

@@ -87,7 +87,8 @@ class ReferenceScorer:
             result = concatenated_forward(
                 self.model, pairs["chosen_input_ids"], pairs["chosen_attention_mask"],
                 pairs["rejected_input_ids"], pairs["rejected_attention_mask"],
-                pairs["prompt_lengths"], pad_id=0, padding_free=self.cfg.padding_free)
+                pairs["prompt_lengths"], pad_id=0, padding_free=self.cfg.padding_free,
+                vocab_chunk=self.cfg.vocab_chunk_size)
             forwards += 1
             for j, i in enumerate(idx):
                 out["ref_chosen_logps"][i] = float(result["chosen_logps"][j])

@@ -269,7 +269,7 @@ def pair_losses(model, batch: dict, t, pad_id: int):
     out = concatenated_forward(
         model, batch["chosen_input_ids"], batch["chosen_attention_mask"],
         batch["rejected_input_ids"], batch["rejected_attention_mask"], batch["prompt_lengths"], pad_id,
-        padding_free=t.padding_free)
+        padding_free=t.padding_free, vocab_chunk=t.vocab_chunk_size)
     losses, chosen_rewards, rejected_rewards = preference_loss(
         out["chosen_logps"], out["rejected_logps"], batch["ref_chosen_logps"],
         batch["ref_rejected_logps"], t.beta, t.loss_type, t.label_smoothing,
