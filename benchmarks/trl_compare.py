@@ -182,6 +182,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast in both")
+    parser.add_argument("--also-bf16", action="store_true",
+                        help="then dpo_ray again with bf16 autocast (cold on its own cache, and warm), "
+                             "against its float32 runs")
     args = parser.parse_args()
 
     import torch
@@ -220,6 +223,15 @@ def main() -> None:
               f"{run['pairs'] / run['wall']:>8.2f} {run['pairs'] / run['wall'] / (trl['pairs'] / trl_total):>6.2f}x "
               f"{run['padding']:>8.0%} "
               f"{rate:>15.1f} {rate / fp:>8.0%}")
+    if args.also_bf16 and not args.bf16:
+        bf16 = {"cold": run_dpo_ray(model, pairs, work, args.workers, True, "bf16-cold", work / "cache-bf16")}
+        bf16["warm"] = run_dpo_ray(model, pairs, work, args.workers, True, "bf16-warm", work / "cache-bf16")
+        print(f"\n{'':>16} {'total_s':>8} {'steps_s':>8} {'vs fp32 total':>14} {'vs fp32 steps':>14}")
+        for label, fp32 in (("cold", cold), ("warm", warm)):
+            run = bf16[label]
+            print(f"{'dpo_ray bf16 ' + label:>16} {run['wall']:>8.1f} {run['steps']:>8.1f} "
+                  f"{fp32['wall'] / run['wall']:>13.2f}x {fp32['steps'] / run['steps']:>13.2f}x")
+        print("(bf16 autocast in training; the reference pass stays float32, reference.dtype's default)")
     print(f"\ntraining pairs (pairs/s and 'vs TRL' count these): TRL {trl['pairs']} (it drops pairs whose "
           f"prompt fills max_length), dpo_ray {cold['pairs']}; useful tokens (prompt once): "
           f"TRL {trl['useful_tokens']}, dpo_ray {cold['useful_tokens']}; dpo_ray data stage alone "

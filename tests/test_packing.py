@@ -121,6 +121,7 @@ def _hh_records(hh_path, n: int, conversational: bool) -> pa.Table:
     return records_batch(rows, str(hh_path))
 
 
+@pytest.mark.slow  # the real model's forward and backward, twice per case
 @pytest.mark.parametrize("conversational", [False, True], ids=["hh", "chat"])
 def test_smollm2_on_real_hh_pairs(smollm2, hh_path, conversational):
     """Real model, real pairs tokenized by the data stage's own tokenizer: 6 HH pairs cut to 96
