@@ -23,7 +23,9 @@ REFERENCE_COLUMNS = {
     "chosen_response_tokens": pa.int32(),  # how many tokens were summed
     "rejected_response_tokens": pa.int32(),
 }
-COUNTER_NAME = "dpo_ray_reference_forward_counter"
+# Versioned: the actor is detached and outlives upgrades on a long-lived cluster; a counter of an
+# older dpo_ray (add() without the actor id) must not be picked up by a newer one.
+COUNTER_NAME = "dpo_ray_reference_forward_counter_v2"
 
 
 @ray.remote(num_cpus=0)
