@@ -101,7 +101,7 @@ def test_a_growable_pool_scores_a_few_pairs_on_every_actor(ray_session, hh_path,
     ref_cfg = dataclasses.replace(ref_cfg, batch_size=64, pool=Pool(min_actors=1, max_actors=2,
                                                                      num_cpus_per_actor=0.5))
     before = forward_counts()["by_actor"]
-    result = ensure_reference(data_cfg, ref_cfg)
+    result = ensure_reference(data_cfg, ref_cfg, scorer_cls=SlowerScorer)
     scorers = {a: n for a, n in forward_counts()["by_actor"].items() if a not in before}
     assert len(scorers) == 2 and sum(scorers.values()) == result.rows == 12, scorers
 
@@ -348,9 +348,18 @@ def test_reader_keeps_its_files_while_the_entry_is_recommitted(ray_session, hh_p
 class SlowScorer(ReferenceScorer):
     """The real scorer, slowed so that a SIGKILL from outside lands mid-pass."""
 
+    DELAY_S = 1.0
+
     def __call__(self, batch):
-        time.sleep(1.0)
+        time.sleep(self.DELAY_S)
         return super().__call__(batch)
+
+
+class SlowerScorer(SlowScorer):
+    """A block takes longer than a second actor needs to start, as a real model's blocks do (a
+    tiny model's first block is done before the other actor is up, and then it takes the second)."""
+
+    DELAY_S = 5.0
 
 
 @pytest.mark.slow
