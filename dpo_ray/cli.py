@@ -13,6 +13,7 @@ import os
 import sys
 from dataclasses import asdict
 
+from dpo_ray import storage
 from dpo_ray.cli_fields import FlagError, flags_to_overrides, help_text
 from dpo_ray.console import VERBOSE_ENV
 from dpo_ray.config import DataConfig, EvalConfig, RunConfig, load_config, save_config
@@ -90,7 +91,7 @@ def _train(args: argparse.Namespace) -> int:
     init_ray(args.address)
     result = train(config)
     last = result.metrics[-1] if result.metrics else {}
-    print(json.dumps({"run_dir": str(result.run_dir), "final_model": str(result.final_model),
+    print(json.dumps({"run_dir": result.run_uri, "final_model": storage.join(result.run_uri, "final_model"),
                       **{k: last[k] for k in ("step", "loss", "rewards/accuracies") if k in last}}))
     return 0
 
@@ -139,7 +140,7 @@ def _eval(args: argparse.Namespace) -> int:
     check_eval_paths(config)
     init_ray(args.address)
     result = evaluate(config)
-    print(json.dumps({"eval_dir": str(result.eval_dir), "results": [
+    print(json.dumps({"eval_dir": result.eval_uri, "results": [
         {k: r[k] for k in ("policy", "judge", "win_rate", "ci_low", "ci_high", "kl_to_reference")}
         for r in result.summary["results"]]}))
     return 0

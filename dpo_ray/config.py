@@ -638,14 +638,16 @@ def build_config(cls: type[C], tree: dict, origin: str = "no file", section: str
 
 
 def local_dir(path: str, field: str) -> Path:
-    """A run/eval directory: a path (``file://`` allowed). On a cluster it must be mounted on every
-    node (NFS/EFS/...); object-store URIs are refused here because checkpoints and metrics are
-    written with ordinary file operations from several nodes."""
+    """A sweep's or recipe's output directory: a path (``file://`` allowed). On a cluster it must
+    be mounted on every node (NFS/EFS/...): trials and rounds write into it with ordinary file
+    operations from several nodes. (A single run's ``train.output_dir`` and ``eval.output_dir``
+    also take object-store URIs: ``dpo_ray/storage.py``.)"""
     if path.startswith("file://"):
         path = path[len("file://"):]
     if "://" in path:
-        raise ValueError(f"{field}={path!r}: use a path every node mounts (NFS, EFS, a FUSE-mounted "
-                         "bucket); object-store URIs are supported for reference.cache_dir and data")
+        raise ValueError(f"{field}={path!r}: sweeps and recipes need a path every node mounts (NFS, "
+                         "EFS, a FUSE-mounted bucket); object-store URIs work for a single run's "
+                         "train.output_dir and eval.output_dir, reference.cache_dir and data")
     return Path(path).expanduser().absolute()
 
 

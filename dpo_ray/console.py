@@ -169,21 +169,31 @@ def _count_rows(batch, bar: Progress):
 
 
 @contextmanager
-def follow_steps(metrics_file: Path, total_steps: int) -> Iterator[None]:
+def follow_steps(metrics_file: str | Path, total_steps: int) -> Iterator[None]:
     """A bar over training steps, read from the ``metrics.jsonl`` rank 0 appends to (the
-    workers' own output does not reach the console); loss and accuracy as its postfix."""
+    workers' own output does not reach the console); loss and accuracy as its postfix. In object
+    storage the file is the one rank 0 uploads after each logged step, read whole each time."""
+    from dpo_ray import storage
+
     bar = _Bar("training", total_steps, "steps")
-    offset = metrics_file.stat().st_size if metrics_file.exists() else 0  # a resumed run's old steps
+    remote = storage.is_remote(metrics_file)
+    path = None if remote else storage.local_path(metrics_file)
+
+    def text() -> str:
+        if remote:
+            return storage.read_text(metrics_file) or ""
+        return path.read_text() if path.exists() else ""
+
+    offset = len(text())  # a resumed run's old steps
 
     def read() -> None:
         nonlocal offset
-        if not metrics_file.exists():
+        try:
+            new = text()[offset:]
+        except OSError:  # a store that does not answer now is asked again at the next poll
             return
-        with metrics_file.open() as f:
-            f.seek(offset)
-            text = f.read()
-        complete = text[: text.rfind("\n") + 1]  # a line being written is read next time
-        offset += len(complete.encode())
+        complete = new[: new.rfind("\n") + 1]  # a line being written is read next time
+        offset += len(complete)
         for line in complete.splitlines():
             record = json.loads(line)
             postfix = f"loss {record['loss']:.4f}"

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from dpo_ray import storage
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_CONFIG = "adapter_config.json"  # what peft writes next to a LoRA adapter
 
@@ -26,9 +28,11 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", revision: str | No
     and remote code off unless the config asks for it.
 
     A LoRA adapter folder (a LoRA run's ``final_model``) loads as its base model with the adapter
-    merged in: every stage that scores or generates sees a plain model, with no peft overhead."""
+    merged in: every stage that scores or generates sees a plain model, with no peft overhead.
+    An ``s3://`` (``gs://``, ...) folder is downloaded once per node (``storage.local_model``)."""
     from transformers import AutoModelForCausalLM
 
+    name_or_path = storage.local_model(name_or_path)  # a model in object storage: this node's copy
     base = adapter_base(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
         base or name_or_path, revision=None if base else revision, dtype=DTYPES[dtype],

@@ -17,9 +17,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from dpo_ray import storage
 from dpo_ray.data.errors import PreferenceDataError
 from dpo_ray.ray_env import ResourceUnavailable
-from dpo_ray.tracking import check_trackers
+from dpo_ray.tracking import check_trackers, mlflow_uri
 
 
 # What the CLI prints as one ``error:`` line (exit 2) instead of a traceback.
@@ -28,18 +29,15 @@ USER_ERRORS = (PreferenceDataError, ValueError, OSError, ResourceUnavailable)
 
 def _local(path: str) -> Path | None:
     """A local path (``file://`` allowed), or None for an object-store URI."""
-    if path.startswith("file://"):
-        path = path[len("file://"):]
-    if "://" in path:
-        return None
-    return Path(path).expanduser().absolute()
+    return None if storage.is_remote(path) else storage.local_path(path)
 
 
 def check_writable_dir(path: str, field: str) -> None:
     """``path`` can be created (if missing) and a file written in it."""
     folder = _local(path)
-    if folder is None:
-        return  # object stores are checked by their first write
+    if folder is None:  # a marker object written and deleted: bucket, credentials, permission
+        storage.check_writable(path, field)
+        return
     existing = folder
     while not existing.exists():
         existing = existing.parent
@@ -58,6 +56,11 @@ def check_model_path(name: str, field: str, need_config: bool = True) -> None:
     """A model or tokenizer: an existing folder (with ``config.json`` for a model), or a hub id.
     A name that can only be a path (absolute, ``./``, ``~``, or with more than one ``/``) must
     exist: Hugging Face would otherwise say "Repo id must be in the form ..."."""
+    if storage.is_remote(name):  # a model (or run directory) in object storage
+        if not storage.exists(storage.join(name, "config.json") if need_config else name):
+            raise FileNotFoundError(f"{field}={name!r}: nothing there"
+                                    + (" with a config.json" if need_config else ""))
+        return
     folder = Path(os.path.expanduser(name))
     if folder.exists():
         if not folder.is_dir():
@@ -94,6 +97,8 @@ def check_paths(config, source=None) -> None:
         check_writable_dir(ref.cache_dir, "reference.cache_dir")
     check_writable_dir(train.output_dir, "train.output_dir")
     check_trackers(train.report_to, "train.report_to")
+    if "mlflow" in train.report_to:
+        mlflow_uri(train.tracking_uri, train.output_dir, "train.report_to")
     if config.eval is not None:
         check_writable_dir(config.eval.output_dir, "eval.output_dir")
         # evaluate() checks it too, but a pipeline reaches evaluate() only after training

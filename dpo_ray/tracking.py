@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpo_ray import storage
+
 STATE_FILE = "tracking.json"
 # Each backend and the package that provides it.
 PACKAGES = {"mlflow": "mlflow", "tensorboard": "tensorboard", "wandb": "wandb"}
@@ -34,7 +36,7 @@ class TrackingPlan:
     driver's environment variables)."""
 
     backends: tuple[str, ...]
-    run_dir: str
+    run_dir: str  # a path or an object-store URI: files go to its local mirror (dpo_ray.storage)
     run_name: str
     project: str  # MLflow experiment, W&B project
     mlflow_uri: str | None
@@ -56,16 +58,29 @@ def check_trackers(backends: list[str], field: str) -> None:
                          + " ".join(f"'dpo-ray[{b}]'" for b in missing))
 
 
-def plan_tracking(backends: list[str], run_dir: Path, run_name: str, project: str,
-                  tracking_uri: str | None, output_dir: Path) -> TrackingPlan | None:
-    """None without backends. MLflow's URI: ``tracking_uri``, else $MLFLOW_TRACKING_URI, else a
-    file store in ``<output_dir>/mlruns`` (works with mlflow-skinny and no server; ``mlflow ui
-    --backend-store-uri`` reads it)."""
+def mlflow_uri(tracking_uri: str | None, output_dir: str | Path, field: str) -> str:
+    """``tracking_uri``, else $MLFLOW_TRACKING_URI, else a file store in ``<output_dir>/mlruns``
+    (works with mlflow-skinny and no server; ``mlflow ui --backend-store-uri`` reads it). MLflow's
+    file store is a local folder: with an object-store ``output_dir`` it needs a server."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    if storage.is_remote(output_dir):
+        raise ValueError(f"{field} includes mlflow and the output directory is {output_dir}: MLflow's "
+                         "default file store must be a folder every node sees; set tracking_uri "
+                         "(or MLFLOW_TRACKING_URI) to an MLflow server, or log to tensorboard/wandb")
+    return (storage.local_path(output_dir) / "mlruns").as_uri()
+
+
+def plan_tracking(backends: list[str], run_dir: str | Path, run_name: str, project: str,
+                  tracking_uri: str | None, output_dir: str | Path,
+                  field: str = "train.report_to") -> TrackingPlan | None:
+    """None without backends; MLflow's URI as ``mlflow_uri`` says."""
     if not backends:
         return None
     uri = None
     if "mlflow" in backends:
-        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (output_dir / "mlruns").as_uri()
+        uri = mlflow_uri(tracking_uri, output_dir, field)
     return TrackingPlan(tuple(backends), str(run_dir), run_name, project, uri,
                         os.environ.get("WANDB_MODE"))
 
@@ -87,7 +102,7 @@ class Tracker:
 
     def __init__(self, plan: TrackingPlan, params: dict | None = None):
         self.plan = plan
-        self.state_path = Path(plan.run_dir) / STATE_FILE
+        self.state_path = storage.local_dir(plan.run_dir) / STATE_FILE
         state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
         self._backends = [_BACKENDS[name](plan, state, params or {}) for name in plan.backends]
         self.state_path.write_text(json.dumps({**state, **{b.name: b.id for b in self._backends
@@ -164,7 +179,7 @@ class _TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
 
         self.id = None
-        self.writer = SummaryWriter(log_dir=str(Path(plan.run_dir) / "tensorboard"))
+        self.writer = SummaryWriter(log_dir=str(storage.local_dir(plan.run_dir) / "tensorboard"))
         if params:
             self.writer.add_text("config", "```\n" + yaml.safe_dump(params, sort_keys=False) + "```")
 
@@ -191,7 +206,7 @@ class _WandB:
 
         self.id = state.get(self.name) or uuid.uuid4().hex[:8]  # W&B ids: 8 lowercase alphanumerics
         self.run = wandb.init(project=plan.project, name=plan.run_name, id=self.id, resume="allow",
-                              dir=plan.run_dir, config=params or None, mode=plan.wandb_mode,
+                              dir=str(storage.local_dir(plan.run_dir)), config=params or None, mode=plan.wandb_mode,
                               reinit="create_new")
 
     def log_metrics(self, metrics: dict, step: int) -> None:

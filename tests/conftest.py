@@ -6,6 +6,7 @@ Under CI (``CI=true``) a missing input is a failure, never a skip.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -25,6 +26,23 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
 HH_FILE = "hh-rlhf-harmless-base-test.jsonl.gz"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The S3-compatible endpoint the object-storage tests use (the ``s3`` fixture starts it). Set
+# before the session's Ray starts, so that train workers, actors and the nodes test_jobs.py starts
+# inherit it, as nodes of a real cluster carry their cloud credentials. Never a real bucket.
+S3_PORT = _free_port()
+os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="testing",
+                  AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                  AWS_EC2_METADATA_DISABLED="true")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -53,6 +71,39 @@ def hh_path() -> Path:
     if not path.exists():
         _missing(f"HH-RLHF data ({path}; set DPO_RAY_DATA_DIR)")
     return path
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3-compatible server (moto's, in its own process) on 127.0.0.1, with one bucket;
+    yields the bucket's URI. pyarrow (ours and Ray Train's) reaches it through AWS_ENDPOINT_URL."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    if importlib.util.find_spec("moto") is None:
+        _missing("moto (pip install -e '.[test]')")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(os.environ["AWS_ENDPOINT_URL"], timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"moto's S3 server did not start on port {S3_PORT}")
+                time.sleep(0.2)
+        from pyarrow import fs
+
+        fs.S3FileSystem(endpoint_override=f"127.0.0.1:{S3_PORT}", scheme="http",
+                        allow_bucket_creation=True).create_dir("dpo-test")
+        yield "s3://dpo-test"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

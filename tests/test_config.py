@@ -40,12 +40,12 @@ def test_override_values_are_yaml_scalars():
         parse_overrides(["novalue"])
 
 
-def test_run_directories_are_paths_every_node_mounts():
+def test_sweep_and_recipe_directories_are_paths_every_node_mounts():
     from dpo_ray.config import Placement, local_dir
 
     assert str(local_dir("file:///shared/runs", "train.output_dir")) == "/shared/runs"
-    with pytest.raises(ValueError, match="train.output_dir='s3://b/runs'"):
-        local_dir("s3://b/runs", "train.output_dir")
+    with pytest.raises(ValueError, match="output_dir='s3://b/runs': sweeps and recipes"):
+        local_dir("s3://b/runs", "output_dir")
     assert Placement().ray_data_kwargs() == {}
     assert Placement(resources={"dpo_score": 1}, accelerator_type="L4").ray_data_kwargs() == {
         "resources": {"dpo_score": 1.0}, "accelerator_type": "L4"}

@@ -319,7 +319,7 @@ def test_failed_run_without_checkpoint_does_not_block_its_retry(tmp_path):
     failed = tmp_path / "r"
     failed.mkdir()
     (failed / "config.yaml").write_text("from the failed attempt")
-    assert _run_dir(config) == failed and not (failed / "config.yaml").exists()
+    assert _run_dir(config) == (failed, str(failed)) and not (failed / "config.yaml").exists()
     kept = list(tmp_path.glob("r.failed-*"))
     assert len(kept) == 1 and (kept[0] / "config.yaml").exists()  # moved aside, not deleted
     checkpoint = failed / "ray_train" / "checkpoint_1"

@@ -19,7 +19,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
@@ -48,6 +50,15 @@ def _free_port() -> int:
 
 
 CLUSTER = REPO / "cluster.yaml"
+
+
+@dataclass
+class Cluster:
+    address: str  # the dashboard / job server
+    env: dict  # the "laptop" environment that submits jobs
+    token: str
+    kill_train_node: Callable[[], None]
+    start_train_node: Callable[[], None]
 TOKEN_FILE = "~/.ray/auth_token"  # where `ray get-auth-token --generate` writes, on any machine
 
 
@@ -100,8 +111,9 @@ def cluster(tmp_path_factory):
     --generate`) and handed to every node as cluster.yaml's file_mounts hands it. The head
     advertises what cluster.yaml's head type does (0 CPUs); the workers carry the `dpo_score` and
     `dpo_train` resources of the cpu_score and gpu_train types (4 each, so that one node holds
-    every actor of its kind here). Yields the dashboard address, the laptop's environment (for
-    `ray job submit`) and the token; stops only these nodes."""
+    every actor of its kind here). Yields a ``Cluster``: the dashboard address, the laptop's
+    environment (for `ray job submit`), the token, and what kills and restarts the train node;
+    stops only these nodes."""
     root = tmp_path_factory.mktemp("cluster")
     config = yaml.safe_load(CLUSTER.read_text())
     types = config["available_node_types"]
@@ -125,12 +137,18 @@ def cluster(tmp_path_factory):
                          ["--dashboard-port", str(dashboard), "--ray-client-server-port", str(_free_port())])
         assert started.returncode == 0, started.stdout + started.stderr
         (worker_cmd,) = [c for c in config["worker_start_ray_commands"] if c.strip() != "ray stop"]
-        for name, temp, node_type in (("score", temps[1], "cpu_score"), ("train", temps[2], "gpu_train")):
+
+        def start_worker(name: str, temp: Path, node_type: str) -> None:
             resources = {key: 4 for key in types[node_type]["resources"]}
             joined = _start(_local_command(worker_cmd, gcs), homes[name], temp, 2, resources)
             assert joined.returncode == 0, joined.stdout + joined.stderr
+
+        start_worker("score", temps[1], "cpu_score")
+        start_worker("train", temps[2], "gpu_train")
         env = dict(_node_env(laptop), RAY_AUTH_MODE="token")
-        yield f"http://127.0.0.1:{dashboard}", env, token
+        yield Cluster(f"http://127.0.0.1:{dashboard}", env, token,
+                      kill_train_node=lambda: _stop_nodes(temps[2], sig="kill"),
+                      start_train_node=lambda: start_worker("train", temps[2], "gpu_train"))
     finally:
         _stop_nodes(*temps)
         for temp in temps:
@@ -153,17 +171,17 @@ def test_a_fresh_node_without_the_token_does_not_start(tmp_path):
     assert "no authentication token was found" in started.stdout + started.stderr
 
 
-def _submit(address, env, job_id, config_path) -> None:
+def _submit(address, env, job_id, config_path, command="pipeline") -> None:
     runtime_env = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_AUTH_MODE": "token"}}
     got = subprocess.run(
         [RAY, "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
          "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
-         sys.executable, "-m", "dpo_ray", "pipeline", "--config", str(config_path)],
+         sys.executable, "-m", "dpo_ray", command, "--config", str(config_path)],
         env=env, capture_output=True, text=True, timeout=300, check=False)
     assert got.returncode == 0, got.stdout + got.stderr
 
 
-def _stop_nodes(*temps: Path) -> None:
+def _stop_nodes(*temps: Path, sig: str = "terminate") -> None:
     """Stop the nodes started with these temp dirs only (all at once: one wait, not one per node).
     `ray stop` would kill every Ray on the machine, including the test session's own instance
     (and with it the pytest process, whose driver dies with its raylet). A node's daemons and
@@ -173,7 +191,7 @@ def _stop_nodes(*temps: Path) -> None:
     mine = [p for p in psutil.process_iter(["cmdline"])
             if any(str(temp) in arg for temp in temps for arg in (p.info["cmdline"] or []))]
     for process in mine:
-        process.terminate()
+        getattr(process, sig)()  # "kill": SIGKILL, a node that vanishes (power, spot reclaim)
     _, alive = psutil.wait_procs(mine, timeout=15)
     for process in alive:
         process.kill()
@@ -214,17 +232,21 @@ def _where(env: dict, address: str) -> dict[str, set[str]]:
     return where
 
 
-def _pipeline_config(tmp_path, hh_path, tiny_llama, source=None) -> Path:
+def _pipeline_config(tmp_path, hh_path, tiny_llama, source=None, bucket=None) -> Path:
+    """The pipeline job's run YAML; with ``bucket`` every output (reference cache, run and eval
+    directories) goes there, and MLflow to its own store (a file store stands in for a server)."""
     placement = {"resources": {"dpo_score": 1}}
+    outputs = f"{bucket}/{tmp_path.name}" if bucket else f"file://{tmp_path}"
     config = {
         "data": {"source": str(source or hh_path), "tokenizer": str(tiny_llama), "limit": 48,
                  "on_bad_row": "skip" if source is None else "raise", "max_length": 96,
                  "max_prompt_length": 48},
-        "reference": {"model": str(tiny_llama), "cache_dir": f"file://{tmp_path}/cache",
+        "reference": {"model": str(tiny_llama), "cache_dir": f"{outputs}/cache",
                       "pool": {"num_cpus_per_actor": 0.5, "placement": placement}},
-        "train": {"output_dir": str(tmp_path / "runs"), "run_name": "job", "num_workers": 2,
+        "train": {"output_dir": f"{outputs}/runs", "run_name": "job", "num_workers": 2,
                   "cpus_per_worker": 0.5, "per_device_train_batch_size": 4, "max_steps": 3,
                   "learning_rate": 1e-3, "eval_fraction": 0.25, "report_to": ["mlflow"],
+                  "tracking_uri": (tmp_path / "mlruns").as_uri(),
                   "placement": {"resources": {"dpo_train": 1}}},
         "eval": {"prompts": str(source or hh_path), "held_out_fraction": 0.25, "limit": 6,
                  "on_bad_row": "skip", "reference": str(tiny_llama),
@@ -238,16 +260,20 @@ def _pipeline_config(tmp_path, hh_path, tiny_llama, source=None) -> Path:
 
 
 def test_two_jobs_on_a_three_node_cluster_one_succeeds_one_fails_with_its_reason(
-        cluster, hh_path, tiny_llama, tmp_path, monkeypatch):
+        cluster, s3, hh_path, tiny_llama, tmp_path, monkeypatch):
     """Submitted together from the "laptop", as users share a cluster: the pipeline job on good
     data succeeds with its reference actors on the dpo_score node and its train workers on the
-    dpo_train node; the one given a bad row ends FAILED with file, row and reason in its logs."""
-    address, env, token = cluster
+    dpo_train node, every output in the S3 bucket (each node reaches it as a cloud node would,
+    with its own credentials and endpoint); the one given a bad row ends FAILED with file, row and
+    reason in its logs."""
+    from dpo_ray import storage
+
+    address, env, token = cluster.address, cluster.env, cluster.token
     bad = tmp_path / "bad" / "bad.jsonl"
     bad.parent.mkdir()
     bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
                    + json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
-    _submit(address, env, "dpo-pipeline-ok", _pipeline_config(tmp_path, hh_path, tiny_llama))
+    _submit(address, env, "dpo-pipeline-ok", _pipeline_config(tmp_path, hh_path, tiny_llama, bucket=s3))
     _submit(address, env, "dpo-pipeline-bad", _pipeline_config(bad.parent, hh_path, tiny_llama, bad))
 
     state, logs = _wait(address, token, "dpo-pipeline-bad", timeout=300)
@@ -262,16 +288,22 @@ def test_two_jobs_on_a_three_node_cluster_one_succeeds_one_fails_with_its_reason
     assert where["RayTrainWorker"] == {"dpo_train"}
     assert where["MapWorker(MapBatches(ReferenceScorer))"] == {"dpo_score"}
     assert where["MapWorker(MapBatches(Generator))"] == {"dpo_score"}
-    run_dir = tmp_path / "runs" / "job"
-    summary = json.loads((run_dir / "pipeline.json").read_text())
-    manifest = Path(summary["reference_cache"].removeprefix("file://")) / "manifest.json"
-    assert json.loads(manifest.read_text())["rows"] > 0
-    from transformers import AutoModelForCausalLM
+    # Read back from the bucket, on a "laptop" cache that never saw the run.
+    monkeypatch.setenv("DPO_RAY_CACHE", str(tmp_path / "laptop-cache"))
+    run = f"{s3}/{tmp_path.name}/runs/job"
+    summary = json.loads(storage.read_text(f"{run}/pipeline.json"))
+    assert summary["run_dir"] == run and summary["eval_dir"] == f"{run}/eval"
+    assert summary["reference_cache"].startswith(f"{s3}/{tmp_path.name}/cache/")
+    assert json.loads(storage.read_text(f"{summary['reference_cache']}/manifest.json"))["rows"] > 0
+    assert {"config.yaml", "metrics.jsonl", "final_model", "ray_train", "pair_accuracy.json",
+            "eval"} <= set(storage.names(run))
+    from dpo_ray.models import load_causal_lm
 
-    model = AutoModelForCausalLM.from_pretrained(summary["final_model"])
+    model = load_causal_lm(summary["final_model"])
     assert model.config.model_type == "llama"
     assert 0 <= summary["pair_accuracy"]["accuracy"] <= 1
-    eval_summary = json.loads((Path(summary["eval_dir"]) / "summary.json").read_text())
+    assert json.loads(storage.read_text(f"{run}/pair_accuracy.json")) == summary["pair_accuracy"]
+    eval_summary = json.loads(storage.read_text(f"{summary['eval_dir']}/summary.json"))
     assert eval_summary["results"][0]["n"] == 6 and eval_summary["results"][0]["judge"] == "length"
     assert "pipeline finished" in logs
     # train.report_to: one MLflow run (default store <output_dir>/mlruns) holds the training
@@ -279,9 +311,56 @@ def test_two_jobs_on_a_three_node_cluster_one_succeeds_one_fails_with_its_reason
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     from mlflow import MlflowClient
 
-    client = MlflowClient((tmp_path / "runs" / "mlruns").as_uri())
-    run = client.get_run(json.loads((run_dir / "tracking.json").read_text())["mlflow"])
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
-    assert run.data.metrics["eval/length/win_rate"] == eval_summary["results"][0]["win_rate"]
-    assert {"final_model", "report.md"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert run.info.status == "FINISHED"
+    client = MlflowClient((tmp_path / "mlruns").as_uri())
+    tracked = client.get_run(json.loads(storage.read_text(f"{run}/tracking.json"))["mlflow"])
+    assert [m.step for m in client.get_metric_history(tracked.info.run_id, "loss")] == [1, 2, 3]
+    assert tracked.data.metrics["eval/length/win_rate"] == eval_summary["results"][0]["win_rate"]
+    assert {"final_model", "report.md"} <= {a.path for a in client.list_artifacts(tracked.info.run_id)}
+    assert tracked.info.status == "FINISHED"
+
+
+def test_the_train_node_dies_mid_run_and_the_run_resumes_when_it_returns(cluster, s3, hh_path,
+                                                                       tiny_llama, tmp_path):
+    """The dpo_train node is killed (SIGKILL: every process of it) after the run's checkpoint at
+    step 5 is in the bucket, and started again as the autoscaler would replace it. With
+    ``train.max_failures: -1`` Ray Train waits for train resources, restarts the workers, and
+    they continue from that checkpoint: the job succeeds, and the bucket keeps everything written
+    before the failure (metrics.jsonl shows the steps after the checkpoint run twice, nothing
+    lost and the run not started over)."""
+    from dpo_ray import storage
+    from dpo_ray.training.trainer import run_checkpoints
+
+    config_path = _pipeline_config(tmp_path, hh_path, tiny_llama, bucket=s3)
+    config = yaml.safe_load(config_path.read_text())
+    config.pop("eval")
+    config["train"].update(max_steps=60, num_train_epochs=30, save_steps=5, logging_steps=1, eval_fraction=0,
+                           max_failures=-1, report_to=[], run_name="killed")
+    config_path.write_text(yaml.safe_dump(config))
+    run = f"{s3}/{tmp_path.name}/runs/killed"
+    _submit(cluster.address, cluster.env, "dpo-train-node-dies", config_path, command="train")
+
+    deadline = time.time() + 600
+    while not any(step >= 5 for step, _ in run_checkpoints(run)):
+        assert time.time() < deadline, "no checkpoint at step 5 in 10 minutes"
+        status = _get(cluster.address, "/api/jobs/dpo-train-node-dies", cluster.token)["status"]
+        assert status == "RUNNING" or status == "PENDING", status
+        time.sleep(0.2)
+    cluster.kill_train_node()
+    before = [json.loads(line)["step"] for line in storage.read_text(f"{run}/metrics.jsonl").splitlines()]
+    print(f"train node killed after step {before[-1]}; checkpoints {sorted(run_checkpoints(run))}")
+    assert before[-1] < 60, "the run ended before the node was killed: give it more steps"
+    time.sleep(5)
+    cluster.start_train_node()
+
+    state, logs = _wait(cluster.address, cluster.token, "dpo-train-node-dies")
+    assert state == "SUCCEEDED", logs[-4000:]
+    steps = [json.loads(line)["step"] for line in storage.read_text(f"{run}/metrics.jsonl").splitlines()]
+    assert steps[:len(before)] == before  # what was written before the failure is still there
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    resumed_from = steps[restart] - 1
+    print(f"resumed from the checkpoint at step {resumed_from}; logged steps {steps}")  # -s shows it
+    assert resumed_from >= 5 and resumed_from % 5 == 0  # a checkpoint, not the start
+    assert steps[restart:] == list(range(resumed_from + 1, 61))
+    assert sorted(set(steps)) == list(range(1, 61))
+    assert max(step for step, _ in run_checkpoints(run)) == 60
+    assert storage.exists(f"{run}/final_model/config.json")

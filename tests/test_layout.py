@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dpo_ray"
 
 # Data-flow order. A module may import its own layer and the layers before it, never a later one.
 LAYERS = [
-    {"config", "console", "models", "logps", "losses", "assets", "ray_env", "tracking", "trl_names"},  # shared pure parts and Ray access
+    {"config", "console", "models", "logps", "losses", "assets", "ray_env", "storage", "tracking", "trl_names"},  # shared pure parts, Ray and storage access
     {"data"},
     {"preflight"},  # checks paths and sources before a stage starts: reads data, not models
     {"reference"},

@@ -7,6 +7,7 @@ import math
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,7 +57,7 @@ def test_fsdp_run_stopped_mid_epoch_resumes_to_the_same_run(reference_run, hh_pa
     resumed.metrics[0] = {k: v for k, v in first.items() if not k.startswith("eval_")}
     assert_same_steps(resumed, reference_run)
     assert_same_weights(resumed.final_model, reference_run.final_model)
-    state = torch.load(latest_checkpoint(resumed.run_dir) / "trainer_state.pt", weights_only=False)
+    state = torch.load(Path(latest_checkpoint(resumed.run_dir)) / "trainer_state.pt", weights_only=False)
     assert state["step"] == 4 and state["scheduler"]["last_epoch"] == 4
     # Resuming a run that already reached its last step trains nothing and keeps its model.
     again = train(whole)
@@ -144,7 +145,7 @@ def test_killed_worker_restarts_a_lora_run_from_its_checkpoint(lora_run, hh_path
     watcher.join(timeout=5)
     assert killed, "no train worker was killed"
     assert_same_steps(result, lora_run)
-    state = torch.load(latest_checkpoint(result.run_dir) / "trainer_state.pt", weights_only=False)
+    state = torch.load(Path(latest_checkpoint(result.run_dir)) / "trainer_state.pt", weights_only=False)
     assert state["step"] == 4 and state["scheduler"]["last_epoch"] == 4
     a = load_file(result.final_model / "adapter_model.safetensors")
     b = load_file(lora_run.final_model / "adapter_model.safetensors")

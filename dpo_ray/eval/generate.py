@@ -18,6 +18,7 @@ import ray
 import torch
 
 from dpo_ray.logps import pad_sequences, response_labels, response_logps
+from dpo_ray import storage
 from dpo_ray.models import load_causal_lm, pick_device
 from dpo_ray.ray_env import actor_pool_kwargs
 
@@ -73,7 +74,7 @@ class Generator:
 
         self.cfg, self.model_id = config, model_id
         self.device = pick_device(config.pool.num_gpus_per_actor)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_id)
+        self.tokenizer = AutoTokenizer.from_pretrained(storage.local_model(model_id))
         self.model = load_causal_lm(model_id, config.dtype, device=self.device).eval()
         self.eos = self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos

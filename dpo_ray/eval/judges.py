@@ -138,7 +138,10 @@ class RewardModelJudge(Judge):
     def __init__(self, path: str, tie_margin: float = 0.0, device: str = "cpu", batch_size: int = 16):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from dpo_ray import storage
+
         super().__init__(tie_margin)
+        path = storage.local_model(path)  # a reward model in object storage: this node's copy
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, use_safetensors=True).to(device).eval()

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from dpo_ray import storage
 from dpo_ray.config import RunConfig, load_config
 from dpo_ray.eval import stats
 from dpo_ray.preflight import check_model_path
@@ -40,13 +41,19 @@ class _PairScorer:
 
 def pair_accuracy(run_dir: str | Path, model: str | None = None, actors: int = 1,
                   confidence: float = 0.95, address: str | None = None) -> dict:
-    """Accuracy on the run's held-out pairs; writes ``<run_dir>/pair_accuracy.json``."""
+    """Accuracy on the run's held-out pairs; writes ``<run_dir>/pair_accuracy.json``. ``run_dir``
+    may be an object-store URI: the actors then load ``final_model`` from there."""
     from dpo_ray.data.pipeline import split_train_eval
     from dpo_ray.ray_env import actor_pool_kwargs, init_ray
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a training run directory (no config.yaml)")
+    run = str(run_dir)
+    run_dir = storage.local_dir(run)
+    config_text = storage.read_text(storage.join(run, "config.yaml"))
+    if config_text is None:
+        raise FileNotFoundError(f"{run} is not a training run directory (no config.yaml)")
+    if storage.is_remote(run):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_text)
     config = load_config(RunConfig, run_dir / "config.yaml")
     t = config.train
     if not config.has_held_out:
@@ -55,7 +62,7 @@ def pair_accuracy(run_dir: str | Path, model: str | None = None, actors: int = 1
     held_out = config.data.held_out()
     if actors < 1:
         raise ValueError(f"--actors must be at least 1, got {actors}")
-    model = model or str(run_dir / "final_model")
+    model = model or storage.join(run, "final_model")
     check_model_path(model, "--model")
     init_ray(address)
     # The reference pool's CPUs, GPUs and placement, with exactly ``actors`` actors.
@@ -90,9 +97,10 @@ def pair_accuracy(run_dir: str | Path, model: str | None = None, actors: int = 1
         chosen = t.beta * (scored["ref_chosen_logps"] - scored["cached_ref_chosen_logps"])
         rejected = t.beta * (scored["ref_rejected_logps"] - scored["cached_ref_rejected_logps"])
         margins = (chosen - rejected).to_numpy()
-    result = {"run_dir": str(run_dir), "model": model, "objective": t.objective,
+    result = {"run_dir": run, "model": model, "objective": t.objective,
               **stats.accuracy(margins > 0, confidence), "mean_margin": float(np.mean(margins))}
     (run_dir / "pair_accuracy.json").write_text(json.dumps(result, indent=2))
+    storage.publish(run_dir, run)
     print(f"held-out pair accuracy of {model}: {result['accuracy']:.3f} "
           f"[{result['ci_low']:.3f}, {result['ci_high']:.3f}] on {result['n']} pairs", flush=True)
     return result

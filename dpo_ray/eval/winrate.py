@@ -4,7 +4,8 @@
     from dpo_ray.eval import evaluate
     result = evaluate(eval_config)          # or: dpo-ray eval --config eval.yaml key=value ...
 
-Eval directory ``<output_dir>/<name>``: ``config.yaml``, ``samples.parquet`` (every generated
+Eval directory ``<output_dir>/<name>`` (a path, or an object-store URI: written to a local mirror
+and uploaded at the end, see ``dpo_ray/storage.py``): ``config.yaml``, ``samples.parquet`` (every generated
 sample), ``judgments.parquet`` (every judgment), ``summary.json``, ``report.md``, ``winrate.png``.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,8 @@ import numpy as np
 import pandas as pd
 import ray
 
-from dpo_ray.config import EvalConfig, JudgeConfig, config_dict, local_dir, save_config
+from dpo_ray import storage
+from dpo_ray.config import EvalConfig, JudgeConfig, config_dict, save_config
 from dpo_ray.console import counted, progress
 from dpo_ray.eval import stats
 from dpo_ray.eval.generate import generate, score_samples
@@ -32,10 +35,14 @@ from dpo_ray.tracking import Tracker, check_trackers, plan_tracking
 
 @dataclass
 class EvalResult:
-    eval_dir: Path
+    eval_dir: Path  # on this machine (for an object-store eval: its local mirror)
     summary: dict  # as summary.json
     judgments: pd.DataFrame
     samples: pd.DataFrame
+    eval_uri: str = ""  # where the eval lives: str(eval_dir), or its s3:// (gs://, ...) URI
+
+    def __post_init__(self):
+        self.eval_uri = self.eval_uri or str(self.eval_dir)
 
     def win_rate(self, policy: str | None = None, judge: str | None = None) -> dict:
         """The result row for (policy, judge); defaults: the first of each."""
@@ -46,7 +53,12 @@ class EvalResult:
 
 
 def resolve_model(path: str) -> str:
-    """A training run directory means its ``final_model/``; anything else is used as given."""
+    """A training run directory (a folder or a URI) means its ``final_model/``; anything else is
+    used as given."""
+    if storage.is_remote(path):
+        final = storage.join(path, "final_model")
+        return final if storage.exists(storage.join(final, "config.json")) or storage.exists(
+            storage.join(final, "adapter_config.json")) else path
     final = Path(path).expanduser() / "final_model"
     return str(final.absolute()) if final.is_dir() else path
 
@@ -142,7 +154,10 @@ def evaluate(config: EvalConfig) -> EvalResult:
     check_trackers(config.report_to, "eval.report_to")  # before the work, not after it
     init_ray()
     name = config.name or time.strftime("eval-%Y%m%d-%H%M%S")
-    out = local_dir(config.output_dir, "eval.output_dir") / name
+    uri = storage.join(config.output_dir, name)
+    out = storage.local_dir(uri)
+    if storage.is_remote(uri):  # a mirror left by an earlier eval of the same name is not this one
+        shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     prompts, prompt_counts = load_prompts(config.prompts, config.held_out_fraction, config.limit,
@@ -186,7 +201,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
             judgments.append(pairs[["prompt_id", "sample_index", "prompt_text", "policy_response",
                                     "baseline_response"]].merge(judged, on=["prompt_id", "sample_index"])
                              .assign(policy=policy_arg, judge=label))
-    summary = {"eval_dir": str(out), "prompts": prompt_counts, "baseline": config.baseline,
+    summary = {"eval_dir": uri, "prompts": prompt_counts, "baseline": config.baseline,
                "baseline_model": baseline_id, "generation": _gen_dict(config), "results": results}
     judgments = pd.concat(judgments, ignore_index=True)
     samples = pd.concat(all_samples, ignore_index=True)
@@ -198,10 +213,11 @@ def evaluate(config: EvalConfig) -> EvalResult:
     write_report(summary, judgments, out)
     print(f"eval report: {out / 'report.md'}", flush=True)
     if config.report_to:
-        tracking = plan_tracking(config.report_to, out, out.name, config.project,
-                                 config.tracking_uri, out.parent)
+        tracking = plan_tracking(config.report_to, uri, out.name, config.project,
+                                 config.tracking_uri, config.output_dir, "eval.report_to")
         track_eval(Tracker(tracking, config_dict(config)), summary, out)
-    return EvalResult(out, summary, judgments, samples)
+    storage.publish(out, uri)
+    return EvalResult(out, summary, judgments, samples, uri)
 
 
 def track_eval(tracker: Tracker, summary: dict, eval_dir: Path, step: int = 0) -> None:

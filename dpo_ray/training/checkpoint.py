@@ -21,6 +21,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 STATE_FILE = "trainer_state.pt"
 STEP_FILE = "dpo_state.json"
+# Ray Train's run name: checkpoints live under <run_dir>/ray_train/ (ray_train-resume-N/ for a
+# resumed run's later attempts).
+RAY_TRAIN_NAME = "ray_train"
 
 
 def gather_state(model, optimizer) -> tuple[dict, dict]:

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 import time
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import ray.train
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from dpo_ray import storage
 from dpo_ray.logps import collate_pairs, concatenate_pairs, concatenated_forward
 from dpo_ray.losses import preference_loss, reward_model_loss
 from dpo_ray.models import bf16_autocast
@@ -44,7 +45,7 @@ class WorkerPlan:
     pad_id: int
     tokenizer: str  # saved with every checkpoint
     reference_dtype: str  # the precision the cached values were scored in (step-0 guard)
-    run_dir: str
+    run_dir: str  # a path every node mounts, or a URI (rank 0 writes a local mirror and uploads)
     has_eval: bool  # a held-out split exists (train.eval_fraction > 0)
     resume_from: str | None  # a checkpoint of the run being resumed (train.resume)
     tracking: TrackingPlan | None = None  # train.report_to, resolved on the driver
@@ -110,9 +111,19 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     bf16, why = bf16_autocast(t.bf16, device)
     precision = "bfloat16" if bf16 or t.dtype == "bfloat16" else "float32"
+    # Rank 0's files (precision, step-0 guard, metrics, tracker files) go to run_dir, or to this
+    # node's mirror of it, uploaded after each write (storage.publish: a no-op on a shared disk).
+    run_dir = storage.local_dir(plan.run_dir)
+    if rank == 0 and storage.is_remote(plan.run_dir):
+        # The mirror starts as the run is (a restarted rank 0 may land on another node, or find
+        # an older run's mirror here): metrics.jsonl then continues the uploaded one.
+        shutil.rmtree(run_dir, ignore_errors=True)
+        storage.pull(plan.run_dir, run_dir, exclude=(f"{checkpoint.RAY_TRAIN_NAME}*", "final_model*"))
     if rank == 0:  # the driver prints it after the run
-        (Path(plan.run_dir) / "precision.json").write_text(json.dumps(
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "precision.json").write_text(json.dumps(
             {"weights": t.dtype, "bf16_autocast": bf16, "why": why, "device": device.type}))
+        storage.publish(run_dir, plan.run_dir)
     optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], t)
     scheduler = _scheduler(optimizer, t, total_steps)
 
@@ -130,7 +141,7 @@ def train_loop_per_worker(config: dict) -> None:
     # 3. Every rank reads the same global batches; RankPairCollate keeps rows rank::world.
     shard = ray.train.get_dataset_shard("train")
     collate = RankPairCollate(rank, world, t.gradient_accumulation_steps, plan.pad_id)
-    metrics_file = Path(plan.run_dir) / "metrics.jsonl"
+    metrics_file = run_dir / "metrics.jsonl"
     # The run the driver opened (tracking.json); rank 0 adds every logged step to it.
     tracker = Tracker(plan.tracking) if plan.tracking is not None and rank == 0 else None
     # Logged metrics are means over every pair since the last log (as TRL/HF Trainer log them):
@@ -197,9 +208,10 @@ def train_loop_per_worker(config: dict) -> None:
                            "max_abs_logratio": metrics.all_max(guard_deviations[0], device),
                            "max_rel_logratio": metrics.all_max(guard_deviations[1], device)}
                 if rank == 0:  # what the guard compared, kept with the run for an audit
-                    (Path(plan.run_dir) / "step0_guard.json").write_text(json.dumps(
+                    (run_dir / "step0_guard.json").write_text(json.dumps(
                         {"policy_precision": guard_precision, "reference_dtype": plan.reference_dtype,
                          **{k: checked[k] for k in ("loss", "max_abs_logratio", "max_rel_logratio")}}))
+                    storage.publish(run_dir, plan.run_dir)
                 _step0_guard(checked, t, guard_precision, plan.reference_dtype)
 
             # 6. Clip, step, schedule.
@@ -239,6 +251,7 @@ def train_loop_per_worker(config: dict) -> None:
                     print(_progress(logged, total_steps), flush=True)
                     if tracker is not None:
                         tracker.log_metrics(logged, step)
+                    storage.publish(run_dir, plan.run_dir)
             if save:  # only checkpoints go through Ray Train: a report costs ~2 s (a barrier
                 # with the controller, measured on 2 cores), more than a tiny model's step
                 _save(logged, rank, model, policy, optimizer, scheduler, step, plan)

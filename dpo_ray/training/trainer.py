@@ -3,7 +3,9 @@
     from dpo_ray.training import train
     result = train(run_config)          # or: dpo-ray train --config run.yaml key=value ...
 
-Run directory ``<train.output_dir>/<train.run_name>`` holds ``config.yaml`` (resolved),
+Run directory ``<train.output_dir>/<train.run_name>`` (a path every node mounts, or an object-store
+URI: the driver and rank 0 then write into local mirrors and upload, see ``dpo_ray/storage.py``,
+and Ray Train writes the checkpoints there itself) holds ``config.yaml`` (resolved),
 ``reference.json`` (cache key and path), ``versions.json``, ``metrics.jsonl``, ``metrics.png``,
 ``tracking.json`` and ``tensorboard/`` with ``train.report_to`` (see ``dpo_ray/tracking.py``),
 Ray Train's checkpoints under ``ray_train/`` and the final model in ``final_model/`` (a LoRA run: the adapter there, and with ``train.peft.merge`` the
@@ -25,41 +27,46 @@ import ray.train
 from ray.data import DataContext
 from ray.train.torch import TorchTrainer
 
-from dpo_ray.config import RunConfig, config_dict, local_dir, save_config
+from dpo_ray import storage
+from dpo_ray.config import RunConfig, config_dict, save_config
 from dpo_ray.console import follow_steps, stage
 from dpo_ray.data import prepare_pairs, split_train_eval
 from dpo_ray.preflight import check_paths
 from dpo_ray.ray_env import check_resources, keep_order
 from dpo_ray.reference import ensure_reference
 from dpo_ray.reference.cache import model_fingerprint
-from dpo_ray.training.checkpoint import STATE_FILE, STEP_FILE
+from dpo_ray.training.checkpoint import RAY_TRAIN_NAME, STATE_FILE, STEP_FILE
 from dpo_ray.tracking import Tracker, TrackingPlan, plan_tracking
 from dpo_ray.training.loop import (PAIR_TRAIN_COLUMNS, TRAIN_COLUMNS, WorkerPlan, count_steps,
                                   train_loop_per_worker)
 
-RAY_TRAIN_NAME = "ray_train"
 
 
 @dataclass
 class TrainResult:
-    run_dir: Path
+    run_dir: Path  # the run directory on this machine (for an object-store run: its local mirror)
     final_model: Path
     metrics: list[dict]
     reference_key: str | None  # None for a reward model (no reference)
     tracking: TrackingPlan | None = None  # where train.report_to logged the run
     reference_cache_hit: bool | None = None  # the reference values were read from the cache
+    run_uri: str = ""  # where the run lives: str(run_dir), or its s3:// (gs://, ...) URI
+
+    def __post_init__(self):
+        self.run_uri = self.run_uri or str(self.run_dir)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the highest step among all attempts of a run (``dpo_state.json``)."""
+def latest_checkpoint(run_dir: str | Path) -> str | None:
+    """The checkpoint with the highest step among all attempts of a run (``dpo_state.json``): a
+    folder, or a URI for a run in object storage."""
     found = run_checkpoints(run_dir)
     return max(found)[1] if found else None
 
 
-def run_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every checkpoint of every attempt of a run."""
-    return [(json.loads(p.read_text())["step"], p.parent)
-            for p in Path(run_dir).glob(f"{RAY_TRAIN_NAME}*/checkpoint_*/{STEP_FILE}")]
+def run_checkpoints(run_dir: str | Path) -> list[tuple[int, str]]:
+    """(step, folder or URI) of every checkpoint of every attempt of a run."""
+    return [(json.loads(storage.read_text(path))["step"], path.rsplit("/", 1)[0])
+            for path in storage.find(run_dir, f"{RAY_TRAIN_NAME}*/checkpoint_*/{STEP_FILE}")]
 
 
 def export_model(checkpoint: Path, dest: Path) -> None:
@@ -67,24 +74,35 @@ def export_model(checkpoint: Path, dest: Path) -> None:
     shutil.copytree(checkpoint, dest, ignore=shutil.ignore_patterns(STATE_FILE, STEP_FILE))
 
 
-def _run_dir(config: RunConfig) -> Path:
+def _run_dir(config: RunConfig) -> tuple[Path, str]:
+    """(the run directory on this machine, the run directory as configured: path or URI)."""
     t = config.train
     name = t.run_name or time.strftime("dpo-%Y%m%d-%H%M%S")
-    run_dir = local_dir(t.output_dir, "train.output_dir") / name
-    if t.resume and latest_checkpoint(run_dir) is None:
-        raise FileNotFoundError(f"train.resume=true but {run_dir} has no checkpoint to resume from")
-    if not t.resume and run_dir.exists():
-        if latest_checkpoint(run_dir) is not None or (run_dir / "final_model").exists():
-            raise FileExistsError(f"{run_dir} exists: set train.resume=true to continue that run, "
+    run = storage.join(t.output_dir, name)
+    run_dir, remote = storage.local_dir(run), storage.is_remote(run)
+    if t.resume and latest_checkpoint(run) is None:
+        raise FileNotFoundError(f"train.resume=true but {run} has no checkpoint to resume from")
+    if not t.resume and storage.exists(run):
+        if latest_checkpoint(run) is not None or storage.exists(storage.join(run, "final_model")):
+            raise FileExistsError(f"{run} exists: set train.resume=true to continue that run, "
                                   "or choose another train.run_name")
         # A run that failed before its first checkpoint has nothing to resume: it must not block
-        # the corrected re-run. Its files are kept aside, not deleted.
-        aside = run_dir.with_name(f"{run_dir.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir.rename(aside)
-        print(f"{run_dir} held no checkpoint (an earlier attempt failed); its files are now in "
-              f"{aside}, starting fresh", flush=True)
+        # the corrected re-run. Its files are kept aside, not deleted (in object storage, where a
+        # rename is a copy of everything, they are overwritten file by file instead).
+        if remote:
+            print(f"{run} held no checkpoint (an earlier attempt failed); its files will be "
+                  "replaced, starting fresh", flush=True)
+        else:
+            aside = run_dir.with_name(f"{run_dir.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir.rename(aside)
+            print(f"{run_dir} held no checkpoint (an earlier attempt failed); its files are now in "
+                  f"{aside}, starting fresh", flush=True)
+    if remote:  # the local mirror starts as the run is: empty, or the resumed run's files
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if t.resume:
+            storage.pull(run, run_dir, exclude=(f"{RAY_TRAIN_NAME}*",))
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return run_dir, run
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -179,11 +197,11 @@ def train(config: RunConfig, source=None) -> TrainResult:
     # Before the data and reference stages: workers no node can hold must not cost a scoring pass.
     check_resources("train workers", {"CPU": t.cpus_per_worker, "GPU": 1 if t.use_gpu else 0},
                     t.num_workers, t.placement)
-    run_dir = _run_dir(config)
+    run_dir, run = _run_dir(config)
     save_config(config, run_dir / "config.yaml")
     # The tracked run is opened here, with the config as params; rank 0 logs into it by id.
-    tracking = plan_tracking(t.report_to, run_dir, run_dir.name, t.project, t.tracking_uri,
-                             local_dir(t.output_dir, "train.output_dir"))
+    tracking = plan_tracking(t.report_to, run, run_dir.name, t.project, t.tracking_uri,
+                             t.output_dir)
     if tracking is not None:
         Tracker(tracking, config_dict(config)).close()
     (run_dir / "versions.json").write_text(json.dumps(_versions(), indent=2))
@@ -234,9 +252,10 @@ def train(config: RunConfig, source=None) -> TrainResult:
     # reused Ray Train name would silently pick up (or skip) the old attempt's state.
     resume_from, attempt = None, RAY_TRAIN_NAME
     if t.resume:
-        resume_from = latest_checkpoint(run_dir)
-        attempt = f"{RAY_TRAIN_NAME}-resume-{len(list(run_dir.glob(RAY_TRAIN_NAME + '*')))}"
-        print(f"resuming {run_dir} from {resume_from}", flush=True)
+        resume_from = latest_checkpoint(run)
+        attempts = [name for name in storage.names(run) if name.startswith(RAY_TRAIN_NAME)]
+        attempt = f"{RAY_TRAIN_NAME}-resume-{len(attempts)}"
+        print(f"resuming {run} from {resume_from}", flush=True)
     plan = WorkerPlan(
         train_pairs=train_pairs,
         policy=policy,
@@ -245,7 +264,7 @@ def train(config: RunConfig, source=None) -> TrainResult:
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         tokenizer=config.data.tokenizer,
         reference_dtype=config.reference.dtype,
-        run_dir=str(run_dir),
+        run_dir=run,
         has_eval="eval" in datasets,
         resume_from=str(resume_from) if resume_from else None,  # Train V2: via the loop's config
         tracking=tracking,
@@ -262,22 +281,25 @@ def train(config: RunConfig, source=None) -> TrainResult:
             accelerator_type=t.placement.accelerator_type,
             label_selector=dict(t.placement.label_selector) or None),
         run_config=ray.train.RunConfig(
-            name=attempt, storage_path=str(run_dir),
+            name=attempt, storage_path=run,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.save_total_limit)),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[],
                                             execution_options=DataContext.get_current().execution_options),
     )
+    storage.publish(run_dir, run)  # config, versions, tracking ids: before any worker starts
     try:
         total = count_steps(train_pairs, t, t.num_workers)[1]
         with stage("train", f"{t.num_workers} workers, {train_pairs} pairs, {total} steps "
-                   f"({t.parallel_strategy}) -> {run_dir}"), follow_steps(run_dir / "metrics.jsonl", total):
+                   f"({t.parallel_strategy}) -> {run}"), follow_steps(storage.join(run, "metrics.jsonl"), total):
             result = trainer.fit()
     except BaseException:
         if tracking is not None:
             Tracker(tracking).close("FAILED")
         raise
+    if storage.is_remote(run):  # what rank 0 wrote and uploaded, from whichever node it ran on
+        storage.pull(run, run_dir, exclude=(f"{RAY_TRAIN_NAME}*", "final_model*"))
     precision = run_dir / "precision.json"  # written by rank 0, which resolved train.bf16
     if precision.exists():
         used = json.loads(precision.read_text())
@@ -288,7 +310,7 @@ def train(config: RunConfig, source=None) -> TrainResult:
         shutil.rmtree(final)
     # A resumed run that had already reached its last step trains nothing and reports no new
     # checkpoint: its final model is the checkpoint it resumed from.
-    last = result.checkpoint or (ray.train.Checkpoint(str(resume_from)) if resume_from else None)
+    last = result.checkpoint or (ray.train.Checkpoint(resume_from) if resume_from else None)
     if last is None:
         raise RuntimeError(f"training in {run_dir} ended without a checkpoint")
     with last.as_directory() as folder:
@@ -304,5 +326,6 @@ def train(config: RunConfig, source=None) -> TrainResult:
             if artifact.exists():
                 tracker.log_artifact(artifact)
         tracker.close("FINISHED")
-    print(f"run directory: {run_dir}\nfinal model: {final}", flush=True)
-    return TrainResult(run_dir, final, metrics, reference_key, tracking, cache_hit)
+    storage.publish(run_dir, run)
+    print(f"run directory: {run}\nfinal model: {storage.join(run, 'final_model')}", flush=True)
+    return TrainResult(run_dir, final, metrics, reference_key, tracking, cache_hit, run)
