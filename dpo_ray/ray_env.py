@@ -91,9 +91,13 @@ def _quiet_driver() -> None:
     # Pools sized to their blocks (actor_pool_kwargs) never need to grow: Ray's warning that they
     # cannot would only alarm.
     logging.getLogger("ray.data._internal.actor_autoscaler.default_actor_autoscaler").addFilter(
-        lambda record: "will not allow it to scale up" not in record.getMessage())
+        _not_a_scale_up_warning)  # one function: addFilter keeps it once however often we start
     warnings.filterwarnings("ignore", module=r"ray(\..*)?$")
     _route_raylet_messages()
+
+
+def _not_a_scale_up_warning(record: logging.LogRecord) -> bool:
+    return "will not allow it to scale up" not in record.getMessage()
 
 
 def _route_raylet_messages() -> None:

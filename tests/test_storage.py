@@ -159,6 +159,8 @@ def test_a_run_in_the_bucket_stops_resumes_and_equals_the_run_on_disk(
     assert [n for n in storage.names(run) if n.startswith("ray_train")] == ["ray_train", "ray_train-resume-1"]
     logged = [json.loads(line)["step"] for line in storage.read_text(f"{run}/metrics.jsonl").splitlines()]
     assert logged == [1, 2, 3, 4]  # the resumed rank 0 continued the uploaded file
+    restart = json.loads(storage.read_text(f"{run}/restarts.jsonl"))
+    assert (restart["restored_step"], restart["why"]) == (1, "train.resume")
     first = resumed.metrics[0]  # the stopped run ended at step 1, so it also evaluated there
     resumed.metrics[0] = {k: v for k, v in first.items() if not k.startswith("eval_")}
     assert_same_steps(resumed, reference_run)

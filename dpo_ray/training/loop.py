@@ -129,14 +129,20 @@ def train_loop_per_worker(config: dict) -> None:
 
     # 2. Restore: weights, optimizer, schedule, RNG and the data position (a step counter), from
     #    this attempt's latest checkpoint after a failure, else from the run being resumed.
+    #    Rank 0 records each restore in restarts.jsonl: a run that survived failures says so.
     step = 0
-    start_from = ray.train.get_checkpoint()
+    start_from, why = ray.train.get_checkpoint(), "the workers restarted after a failure"
     if start_from is None and plan.resume_from:
-        start_from = ray.train.Checkpoint(plan.resume_from)
+        start_from, why = ray.train.Checkpoint(plan.resume_from), "train.resume"
     if start_from:
         with start_from.as_directory() as folder:
             step = checkpoint.restore(folder, model, policy, optimizer, scheduler)
         print(f"[rank {rank}] restored step {step} from {start_from.path}", flush=True)
+        if rank == 0:
+            with (run_dir / "restarts.jsonl").open("a") as f:
+                f.write(json.dumps({"restored_step": step, "checkpoint": start_from.path, "why": why,
+                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+            storage.publish(run_dir, plan.run_dir)
 
     # 3. Every rank reads the same global batches; RankPairCollate keeps rows rank::world.
     shard = ray.train.get_dataset_shard("train")

@@ -8,7 +8,8 @@ URI: the driver and rank 0 then write into local mirrors and upload, see ``dpo_r
 and Ray Train writes the checkpoints there itself) holds ``config.yaml`` (resolved),
 ``reference.json`` (cache key and path), ``versions.json``, ``metrics.jsonl``, ``metrics.png``,
 ``tracking.json`` and ``tensorboard/`` with ``train.report_to`` (see ``dpo_ray/tracking.py``),
-Ray Train's checkpoints under ``ray_train/`` and the final model in ``final_model/`` (a LoRA run: the adapter there, and with ``train.peft.merge`` the
+``restarts.jsonl`` (one line each time the workers restored a checkpoint: after a failure, or
+``train.resume``), Ray Train's checkpoints under ``ray_train/`` and the final model in ``final_model/`` (a LoRA run: the adapter there, and with ``train.peft.merge`` the
 merged model in ``final_model_merged/``).
 A new run never resumes an old one: an existing run directory is an error unless
 ``train.resume=true``, which continues it from its latest checkpoint.
@@ -103,6 +104,10 @@ def _run_dir(config: RunConfig) -> tuple[Path, str]:
             storage.pull(run, run_dir, exclude=(f"{RAY_TRAIN_NAME}*",))
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, run
+
+
+def _read_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -289,6 +294,7 @@ def train(config: RunConfig, source=None) -> TrainResult:
                                             execution_options=DataContext.get_current().execution_options),
     )
     storage.publish(run_dir, run)  # config, versions, tracking ids: before any worker starts
+    restarts_before = len(_read_lines(run_dir / "restarts.jsonl"))  # a resumed run's earlier ones
     try:
         total = count_steps(train_pairs, t, t.num_workers)[1]
         with stage("train", f"{t.num_workers} workers, {train_pairs} pairs, {total} steps "
@@ -300,6 +306,9 @@ def train(config: RunConfig, source=None) -> TrainResult:
         raise
     if storage.is_remote(run):  # what rank 0 wrote and uploaded, from whichever node it ran on
         storage.pull(run, run_dir, exclude=(f"{RAY_TRAIN_NAME}*", "final_model*"))
+    for line in _read_lines(run_dir / "restarts.jsonl")[restarts_before:]:
+        restart = json.loads(line)
+        print(f"restarted from step {restart['restored_step']} ({restart['why']})", flush=True)
     precision = run_dir / "precision.json"  # written by rank 0, which resolved train.bf16
     if precision.exists():
         used = json.loads(precision.read_text())
