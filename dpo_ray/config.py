@@ -18,6 +18,7 @@ from pydantic import AfterValidator, ConfigDict, Field, ValidationError, model_v
 from pydantic.dataclasses import dataclass
 from pydantic_core import ArgsKwargs
 
+from dpo_ray import storage
 from dpo_ray.trl_names import report_to_names, trl_names
 
 STRICT = ConfigDict(extra="forbid", validate_assignment=True)
@@ -642,13 +643,11 @@ def local_dir(path: str, field: str) -> Path:
     be mounted on every node (NFS/EFS/...): trials and rounds write into it with ordinary file
     operations from several nodes. (A single run's ``train.output_dir`` and ``eval.output_dir``
     also take object-store URIs: ``dpo_ray/storage.py``.)"""
-    if path.startswith("file://"):
-        path = path[len("file://"):]
-    if "://" in path:
+    if storage.is_remote(path):
         raise ValueError(f"{field}={path!r}: sweeps and recipes need a path every node mounts (NFS, "
                          "EFS, a FUSE-mounted bucket); object-store URIs work for a single run's "
                          "train.output_dir and eval.output_dir, reference.cache_dir and data")
-    return Path(path).expanduser().absolute()
+    return storage.local_path(path)
 
 
 def config_dict(config: Any) -> dict:

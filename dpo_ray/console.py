@@ -179,22 +179,27 @@ def follow_steps(metrics_file: str | Path, total_steps: int) -> Iterator[None]:
     remote = storage.is_remote(metrics_file)
     path = None if remote else storage.local_path(metrics_file)
 
-    def text() -> str:
+    def tail(offset: int) -> bytes:
+        """The file from byte ``offset`` on (a local file is read from there)."""
         if remote:
-            return storage.read_text(metrics_file) or ""
-        return path.read_text() if path.exists() else ""
+            return (storage.read_text(metrics_file) or "").encode()[offset:]
+        if not path.exists():
+            return b""
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read()
 
-    offset = len(text())  # a resumed run's old steps
+    offset = len(tail(0))  # a resumed run's old steps
 
     def read() -> None:
         nonlocal offset
         try:
-            new = text()[offset:]
+            new = tail(offset)
         except OSError:  # a store that does not answer now is asked again at the next poll
             return
-        complete = new[: new.rfind("\n") + 1]  # a line being written is read next time
+        complete = new[: new.rfind(b"\n") + 1]  # a line being written is read next time
         offset += len(complete)
-        for line in complete.splitlines():
+        for line in complete.decode().splitlines():
             record = json.loads(line)
             postfix = f"loss {record['loss']:.4f}"
             if "rewards/accuracies" in record:

@@ -88,18 +88,18 @@ def names(base: str | os.PathLike) -> list[str]:
     return sorted(info.base_name for info in infos)
 
 
+def _files(fs: pafs.FileSystem, inner: str) -> list[tuple[str, pafs.FileInfo]]:
+    """(path relative to ``inner``, info) of every file under it; [] when there is no folder."""
+    selector = pafs.FileSelector(inner, recursive=True, allow_not_found=True)
+    return [(info.path[len(inner.rstrip("/")) + 1:], info) for info in fs.get_file_info(selector)
+            if info.type == pafs.FileType.File]
+
+
 def find(base: str | os.PathLike, pattern: str) -> list[str]:
     """Files under ``base`` whose path relative to it matches the glob ``pattern`` (``*`` also
     crosses ``/``), as paths or URIs like ``base``."""
-    fs, inner = filesystem(base)
-    if fs.get_file_info(inner).type != pafs.FileType.Directory:
-        return []
-    found = []
-    for info in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):
-        relative = info.path[len(inner.rstrip("/")) + 1:]
-        if info.type == pafs.FileType.File and fnmatch.fnmatch(relative, pattern):
-            found.append(join(base, relative))
-    return sorted(found)
+    return sorted(join(base, relative) for relative, _ in _files(*filesystem(base))
+                  if fnmatch.fnmatch(relative, pattern))
 
 
 def check_writable(uri: str, field: str) -> None:
@@ -145,12 +145,9 @@ def pull(uri: str, local: Path, exclude: tuple[str, ...] = ()) -> int:
     """Download every file under ``uri`` into ``local`` (``exclude``: glob patterns of relative
     paths to skip, e.g. checkpoints). Returns the number of files."""
     fs, inner = filesystem(uri)
-    if fs.get_file_info(inner).type != pafs.FileType.Directory:
-        return 0
     count = 0
-    for info in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):
-        relative = info.path[len(inner.rstrip("/")) + 1:]
-        if info.type != pafs.FileType.File or any(fnmatch.fnmatch(relative, p) for p in exclude):
+    for relative, info in _files(fs, inner):
+        if any(fnmatch.fnmatch(relative, p) for p in exclude):
             continue
         target = Path(local) / relative
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -185,8 +182,7 @@ def local_model(name_or_path: str) -> str:
     if not is_remote(name_or_path):
         return name_or_path
     fs, inner = filesystem(name_or_path)
-    listing = sorted((i.path, i.size, i.mtime_ns) for i in fs.get_file_info(
-        pafs.FileSelector(inner, recursive=True, allow_not_found=True)) if i.type == pafs.FileType.File)
+    listing = sorted((relative, i.size, i.mtime_ns) for relative, i in _files(fs, inner))
     if not listing:
         raise FileNotFoundError(f"{name_or_path}: no files there (is it a model folder?)")
     digest = hashlib.sha256(repr((name_or_path, listing)).encode()).hexdigest()[:16]

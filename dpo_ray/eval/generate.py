@@ -17,8 +17,8 @@ import pyarrow as pa
 import ray
 import torch
 
-from dpo_ray.logps import pad_sequences, response_labels, response_logps
 from dpo_ray import storage
+from dpo_ray.logps import pad_sequences, response_labels, response_logps
 from dpo_ray.models import load_causal_lm, pick_device
 from dpo_ray.ray_env import actor_pool_kwargs
 
@@ -74,8 +74,9 @@ class Generator:
 
         self.cfg, self.model_id = config, model_id
         self.device = pick_device(config.pool.num_gpus_per_actor)
-        self.tokenizer = AutoTokenizer.from_pretrained(storage.local_model(model_id))
-        self.model = load_causal_lm(model_id, config.dtype, device=self.device).eval()
+        folder = storage.local_model(model_id)  # a model in object storage: fetched once, here
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = load_causal_lm(folder, config.dtype, device=self.device).eval()
         self.eos = self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
 

@@ -24,6 +24,9 @@ STEP_FILE = "dpo_state.json"
 # Ray Train's run name: checkpoints live under <run_dir>/ray_train/ (ray_train-resume-N/ for a
 # resumed run's later attempts).
 RAY_TRAIN_NAME = "ray_train"
+# What a run directory's local mirror leaves in the bucket (dpo_ray/storage.py): checkpoints (Ray
+# Train reads them there) and the final model (the driver writes it).
+NOT_MIRRORED = (f"{RAY_TRAIN_NAME}*", "final_model*")
 
 
 def gather_state(model, optimizer) -> tuple[dict, dict]:

@@ -118,7 +118,7 @@ def train_loop_per_worker(config: dict) -> None:
         # The mirror starts as the run is (a restarted rank 0 may land on another node, or find
         # an older run's mirror here): metrics.jsonl then continues the uploaded one.
         shutil.rmtree(run_dir, ignore_errors=True)
-        storage.pull(plan.run_dir, run_dir, exclude=(f"{checkpoint.RAY_TRAIN_NAME}*", "final_model*"))
+        storage.pull(plan.run_dir, run_dir, exclude=checkpoint.NOT_MIRRORED)
     if rank == 0:  # the driver prints it after the run
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "precision.json").write_text(json.dumps(

@@ -36,7 +36,7 @@ from dpo_ray.preflight import check_paths
 from dpo_ray.ray_env import check_resources, keep_order
 from dpo_ray.reference import ensure_reference
 from dpo_ray.reference.cache import model_fingerprint
-from dpo_ray.training.checkpoint import RAY_TRAIN_NAME, STATE_FILE, STEP_FILE
+from dpo_ray.training.checkpoint import NOT_MIRRORED, RAY_TRAIN_NAME, STATE_FILE, STEP_FILE
 from dpo_ray.tracking import Tracker, TrackingPlan, plan_tracking
 from dpo_ray.training.loop import (PAIR_TRAIN_COLUMNS, TRAIN_COLUMNS, WorkerPlan, count_steps,
                                   train_loop_per_worker)
@@ -305,7 +305,7 @@ def train(config: RunConfig, source=None) -> TrainResult:
             Tracker(tracking).close("FAILED")
         raise
     if storage.is_remote(run):  # what rank 0 wrote and uploaded, from whichever node it ran on
-        storage.pull(run, run_dir, exclude=(f"{RAY_TRAIN_NAME}*", "final_model*"))
+        storage.pull(run, run_dir, exclude=NOT_MIRRORED)
     for line in _read_lines(run_dir / "restarts.jsonl")[restarts_before:]:
         restart = json.loads(line)
         print(f"restarted from step {restart['restored_step']} ({restart['why']})", flush=True)
