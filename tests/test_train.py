@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dpo_ray.training import train
-from helpers import STEPS, assert_same_steps, assert_same_weights, run_config, weights
+from helpers import STEPS, assert_same_weights, run_config, weights
 
 
 @pytest.fixture(scope="module")
@@ -83,36 +83,27 @@ def test_new_run_with_same_name_is_refused(overfit):
         train(config)
 
 
-def test_one_worker_with_the_same_global_batch_gives_the_two_worker_run(reference_run, hh_path,
-                                                                          tiny_llama, reference_cache,
-                                                                          tmp_path):
-    """One worker with 4 pairs per step is two with 2 each. This run also streams its splits from
-    the cache every epoch (what a dataset too large for the object store does) where the plain
-    run holds them in memory: the same numbers either way."""
-    one = train(run_config(hh_path, tiny_llama, tmp_path, "one", reference_cache,
+def test_one_worker_recomputing_activations_and_logging_in_windows_gives_the_two_worker_run(
+        reference_run, hh_path, tiny_llama, reference_cache, tmp_path):
+    """One TorchTrainer run, four things that change no number: one worker with 4 pairs per step
+    is two with 2 each; recomputing activations (gradient checkpointing); streaming the splits
+    from the cache every epoch (what a dataset too large for the object store does) where the
+    plain run holds them in memory. And as TRL logs them: with logging_steps=2, step 2's record
+    averages steps 1-2 (every step has the same number of pairs), not step 2's batch alone."""
+    run = train(run_config(hh_path, tiny_llama, tmp_path, "one", reference_cache,
                            **{**STEPS, "num_workers": 1, "per_device_train_batch_size": 4,
-                              "materialize_datasets": "never"}))
-    assert_same_steps(one, reference_run)  # same losses, first gradients and held-out losses
-    assert one.metrics[1]["loss"] != pytest.approx(math.log(2), abs=1e-4)  # step 2 saw an update
-    assert_same_weights(one.final_model, reference_run.final_model)
-
-
-def test_gradient_checkpointing_and_windowed_logging_give_the_plain_run(reference_run, hh_path,
-                                                                         tiny_llama, reference_cache,
-                                                                         tmp_path):
-    """Recomputing activations changes no number. And as TRL logs them: with logging_steps=2,
-    step 2's record averages steps 1-2 (every step has the same number of pairs), not step 2's
-    batch alone."""
-    run = train(run_config(hh_path, tiny_llama, tmp_path, "gc", reference_cache,
-                           gradient_checkpointing=True, logging_steps=2, **STEPS))
+                              "materialize_datasets": "never", "gradient_checkpointing": True,
+                              "logging_steps": 2}))
     assert [m["step"] for m in run.metrics] == [2, 4]
     each = reference_run.metrics
-    for record, steps in zip(run.metrics, (each[0:2], each[2:4])):
+    for record, steps in zip(run.metrics, (each[0:2], each[2:4]), strict=True):
         for name in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
             assert record[name] == pytest.approx(sum(m[name] for m in steps) / 2, abs=1e-5), name
         assert record["max_abs_logratio"] == pytest.approx(max(m["max_abs_logratio"] for m in steps),
                                                            abs=1e-5)
+        assert record["grad_norm"] == pytest.approx(steps[-1]["grad_norm"], rel=1e-3)  # the last step's
         assert record["eval_loss"] == pytest.approx(steps[-1]["eval_loss"], abs=1e-5)
+    assert each[1]["loss"] != pytest.approx(math.log(2), abs=1e-4)  # step 2 saw an update
     assert_same_weights(run.final_model, reference_run.final_model)
 
 
