@@ -80,6 +80,8 @@ def _sha256_local(path: Path) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _sha256_unchanged(path: str, *stat: int) -> str:
+    """``stat`` (inode, size, mtime, ctime) is not read: it is part of the memo's key, so a
+    rewritten file is hashed again."""
     return _sha256_local(Path(path))
 
 
