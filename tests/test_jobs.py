@@ -1,6 +1,7 @@
 """`ray job submit` against a real local head node: the pipeline job (data -> reference -> train
--> pair accuracy -> win rate) on a tiny model with stages placed by custom resources, and a job
-given bad input that must end FAILED with the reason in its logs.
+-> pair accuracy -> win rate) on a tiny model with stages placed by custom resources, surviving
+its train node's death mid-run, and a job given bad input that must end FAILED with the reason in
+its logs.
 
 Auth is set one way everywhere: RAY_AUTH_MODE=token for the head, the CLI and the jobs (Ray 2.60
 enables token auth by default; mixing modes fails with AuthenticationError).
@@ -267,22 +268,56 @@ def _pipeline_config(tmp_path, hh_path, tiny_llama, source=None, bucket=None) ->
     return path
 
 
-def test_two_jobs_on_a_three_node_cluster_one_succeeds_one_fails_with_its_reason(
+def test_two_jobs_one_fails_with_its_reason_one_survives_its_train_node_dying(
         cluster, s3, hh_path, tiny_llama, tmp_path, monkeypatch):
-    """Submitted together from the "laptop", as users share a cluster: the pipeline job on good
-    data succeeds with its reference actors on the dpo_score node and its train workers on the
-    dpo_train node, every output in the S3 bucket (each node reaches it as a cloud node would,
-    with its own credentials and endpoint); the one given a bad row ends FAILED with file, row and
-    reason in its logs."""
+    """Submitted together from the "laptop", as users share a cluster. The one given a bad row
+    ends FAILED with file, row and reason in its logs. The pipeline job on good data puts its
+    reference actors on the dpo_score node and its train workers on the dpo_train node, and every
+    output in the S3 bucket (each node reaches it as a cloud node would, with its own credentials
+    and endpoint). Mid-training its dpo_train node is killed (SIGKILL: every process of it) once
+    Ray Train has committed the step-5 checkpoint to the bucket, and started again as the
+    autoscaler would replace it. With ``train.max_failures: -1`` Ray Train waits for train
+    resources, restarts the workers from that checkpoint, and the job goes on to pair accuracy
+    and the win rate: it succeeds, and the bucket keeps everything written before the failure
+    (metrics.jsonl keeps every step logged before the kill; restarts.jsonl says where the workers
+    restored from: the checkpoint, not the start)."""
     from dpo_ray import storage
+    from dpo_ray.training.trainer import run_checkpoints
 
     address, env, token = cluster.address, cluster.env, cluster.token
     bad = tmp_path / "bad" / "bad.jsonl"
     bad.parent.mkdir()
     bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
                    + json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
-    _submit(address, env, "dpo-pipeline-ok", _pipeline_config(tmp_path, hh_path, tiny_llama, bucket=s3))
+    config_path = _pipeline_config(tmp_path, hh_path, tiny_llama, bucket=s3)
+    config = yaml.safe_load(config_path.read_text())
+    steps_total = 30  # the node dies after step 5; the rest leaves time to see that first
+    config["train"].update(max_steps=steps_total, num_train_epochs=30, save_steps=5, logging_steps=1,
+                           max_failures=-1)
+    config_path.write_text(yaml.safe_dump(config))
+    run = f"{s3}/{tmp_path.name}/runs/job"
+    _submit(address, env, "dpo-pipeline-ok", config_path)
     _submit(address, env, "dpo-pipeline-bad", _pipeline_config(bad.parent, hh_path, tiny_llama, bad))
+
+    def committed() -> list[int]:
+        """Steps of the checkpoints Ray Train has registered (its snapshot in the bucket names
+        them): one uploaded but not yet registered when the node dies is not resumed from (seen:
+        killed then, the run started again from step 0)."""
+        snapshot = storage.read_text(f"{run}/ray_train/checkpoint_manager_snapshot.json") or ""
+        return [step for step, path in run_checkpoints(run) if path.rsplit("/", 1)[-1] in snapshot]
+
+    deadline = time.time() + 600
+    while not any(step >= 5 for step in committed()):
+        assert time.time() < deadline, "no checkpoint at step 5 in 10 minutes"
+        status = _get(address, "/api/jobs/dpo-pipeline-ok", token)["status"]
+        assert status == "RUNNING" or status == "PENDING", status
+        time.sleep(0.2)
+    cluster.kill_train_node()
+    before = [json.loads(line)["step"] for line in storage.read_text(f"{run}/metrics.jsonl").splitlines()]
+    print(f"train node killed after step {before[-1]}; checkpoints {sorted(run_checkpoints(run))}")
+    assert before[-1] < steps_total, "the run ended before the node was killed: give it more steps"
+    time.sleep(2)
+    cluster.start_train_node()
 
     state, logs = _wait(address, token, "dpo-pipeline-bad", timeout=300)
     assert state == "FAILED"
@@ -293,12 +328,26 @@ def test_two_jobs_on_a_three_node_cluster_one_succeeds_one_fails_with_its_reason
     where = _where(env, address)
     for name, nodes in sorted(where.items()):
         print(f"{name}: ran on {sorted(nodes)}")
-    assert where["RayTrainWorker"] == {"dpo_train"}
+    assert where["RayTrainWorker"] == {"dpo_train"}  # before the failure and after
     assert where["MapWorker(MapBatches(ReferenceScorer))"] == {"dpo_score"}
     assert where["MapWorker(MapBatches(Generator))"] == {"dpo_score"}
+
+    # The restart: from the checkpoint, and every step once the run went on.
+    steps = [json.loads(line)["step"] for line in storage.read_text(f"{run}/metrics.jsonl").splitlines()]
+    assert steps[:len(before)] == before  # what was written before the failure is still there
+    (restart,) = [json.loads(line) for line in storage.read_text(f"{run}/restarts.jsonl").splitlines()]
+    resumed_from = restart["restored_step"]
+    print(f"resumed from the checkpoint at step {resumed_from}; logged steps {steps}")  # -s shows it
+    assert restart["why"] == "the workers restarted after a failure"
+    assert 5 <= resumed_from <= before[-1] and resumed_from % 5 == 0  # a checkpoint, not the start
+    assert f"restarted from step {resumed_from} (the workers restarted after a failure)" in logs
+    after = len(steps) - 1 - steps[::-1].index(resumed_from + 1)
+    assert steps[after:] == list(range(resumed_from + 1, steps_total + 1))
+    assert sorted(set(steps)) == list(range(1, steps_total + 1))
+    assert max(step for step, _ in run_checkpoints(run)) == steps_total
+
     # Read back from the bucket, on a "laptop" cache that never saw the run.
     monkeypatch.setenv("DPO_RAY_CACHE", str(tmp_path / "laptop-cache"))
-    run = f"{s3}/{tmp_path.name}/runs/job"
     summary = json.loads(storage.read_text(f"{run}/pipeline.json"))
     assert summary["run_dir"] == run and summary["eval_dir"] == f"{run}/eval"
     assert summary["reference_cache"].startswith(f"{s3}/{tmp_path.name}/cache/")
@@ -315,71 +364,15 @@ def test_two_jobs_on_a_three_node_cluster_one_succeeds_one_fails_with_its_reason
     assert eval_summary["results"][0]["n"] == 6 and eval_summary["results"][0]["judge"] == "length"
     assert "pipeline finished" in logs
     # train.report_to: one MLflow run (default store <output_dir>/mlruns) holds the training
-    # curve, the final model and the eval's win rates and report.
+    # curve (the steps between the checkpoint and the kill twice), the final model and the
+    # eval's win rates and report.
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     from mlflow import MlflowClient
 
     client = MlflowClient((tmp_path / "mlruns").as_uri())
     tracked = client.get_run(json.loads(storage.read_text(f"{run}/tracking.json"))["mlflow"])
-    assert [m.step for m in client.get_metric_history(tracked.info.run_id, "loss")] == [1, 2, 3]
+    history = [m.step for m in client.get_metric_history(tracked.info.run_id, "loss")]
+    assert sorted(set(history)) == list(range(1, steps_total + 1)), history
     assert tracked.data.metrics["eval/length/win_rate"] == eval_summary["results"][0]["win_rate"]
     assert {"final_model", "report.md"} <= {a.path for a in client.list_artifacts(tracked.info.run_id)}
     assert tracked.info.status == "FINISHED"
-
-
-def test_the_train_node_dies_mid_run_and_the_run_resumes_when_it_returns(cluster, s3, hh_path,
-                                                                       tiny_llama, tmp_path):
-    """The dpo_train node is killed (SIGKILL: every process of it) once Ray Train has committed the
-    run's checkpoint at step 5 to the bucket, and started again as the autoscaler would replace it. With
-    ``train.max_failures: -1`` Ray Train waits for train resources, restarts the workers, and
-    they continue from that checkpoint: the job succeeds, and the bucket keeps everything written
-    before the failure (metrics.jsonl keeps every step logged before the kill; restarts.jsonl
-    says where the workers restored from: the checkpoint, not the start)."""
-    from dpo_ray import storage
-    from dpo_ray.training.trainer import run_checkpoints
-
-    config_path = _pipeline_config(tmp_path, hh_path, tiny_llama, bucket=s3)
-    config = yaml.safe_load(config_path.read_text())
-    config.pop("eval")
-    config["train"].update(max_steps=40, num_train_epochs=30, save_steps=5, logging_steps=1, eval_fraction=0,
-                           max_failures=-1, report_to=[], run_name="killed")
-    config_path.write_text(yaml.safe_dump(config))
-    run = f"{s3}/{tmp_path.name}/runs/killed"
-    _submit(cluster.address, cluster.env, "dpo-train-node-dies", config_path, command="train")
-
-    def committed() -> list[int]:
-        """Steps of the checkpoints Ray Train has registered (its snapshot in the bucket names
-        them): one uploaded but not yet registered when the node dies is not resumed from (seen:
-        killed then, the run started again from step 0)."""
-        snapshot = storage.read_text(f"{run}/ray_train/checkpoint_manager_snapshot.json") or ""
-        return [step for step, path in run_checkpoints(run) if path.rsplit("/", 1)[-1] in snapshot]
-
-    deadline = time.time() + 600
-    while not any(step >= 5 for step in committed()):
-        assert time.time() < deadline, "no checkpoint at step 5 in 10 minutes"
-        status = _get(cluster.address, "/api/jobs/dpo-train-node-dies", cluster.token)["status"]
-        assert status == "RUNNING" or status == "PENDING", status
-        time.sleep(0.2)
-    cluster.kill_train_node()
-    before = [json.loads(line)["step"] for line in storage.read_text(f"{run}/metrics.jsonl").splitlines()]
-    print(f"train node killed after step {before[-1]}; checkpoints {sorted(run_checkpoints(run))}")
-    assert before[-1] < 40, "the run ended before the node was killed: give it more steps"
-    time.sleep(2)
-    cluster.start_train_node()
-
-    state, logs = _wait(cluster.address, cluster.token, "dpo-train-node-dies")
-    assert state == "SUCCEEDED", logs[-4000:]
-    steps = [json.loads(line)["step"] for line in storage.read_text(f"{run}/metrics.jsonl").splitlines()]
-    assert steps[:len(before)] == before  # what was written before the failure is still there
-    (restart,) = [json.loads(line) for line in storage.read_text(f"{run}/restarts.jsonl").splitlines()]
-    resumed_from = restart["restored_step"]
-    print(f"resumed from the checkpoint at step {resumed_from}; logged steps {steps}")  # -s shows it
-    assert restart["why"] == "the workers restarted after a failure"
-    assert 5 <= resumed_from <= before[-1] and resumed_from % 5 == 0  # a checkpoint, not the start
-    assert f"restarted from step {resumed_from} (the workers restarted after a failure)" in logs
-    # Once resumed, the steps after the checkpoint run (again) in order, to the end.
-    after = len(steps) - 1 - steps[::-1].index(resumed_from + 1)
-    assert steps[after:] == list(range(resumed_from + 1, 41))
-    assert sorted(set(steps)) == list(range(1, 41))
-    assert max(step for step, _ in run_checkpoints(run)) == 40
-    assert storage.exists(f"{run}/final_model/config.json")
