@@ -158,7 +158,7 @@ def test_reward_model_on_real_hh_pairs_beats_chance(ray_session, hh_path, smollm
         data=DataConfig(source=str(hh_path), tokenizer=str(smollm2), on_bad_row="skip",
                         max_length=256, max_prompt_length=128),
         reference=ReferenceConfig(model=str(tiny_llama), cache_dir=str(tmp_path / "cache")),
-        train=TrainConfig(objective="reward_model", learning_rate=3e-4, num_train_epochs=2,
+        train=TrainConfig(objective="reward_model", learning_rate=3e-4, num_train_epochs=1,
                           per_device_train_batch_size=8, lr_scheduler_type="constant",
                           eval_fraction=0.2, output_dir=str(tmp_path), run_name="rm",
                           logging_steps=20))
