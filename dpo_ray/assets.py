@@ -31,13 +31,22 @@ def smollm2_path() -> Path:
     gguf_dir = Path(spec.origin).parent
 
     def build(out: Path) -> None:
+        import functools
+        from unittest import mock
+
+        import gguf
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-        gguf_model = AutoModelForCausalLM.from_pretrained(
-            gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-        config = AutoConfig.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+        # transformers 5 asks gguf for the tensor-name table once per module (397 times, ~5 s
+        # here); the table depends only on its arguments (architecture, layer count).
+        with mock.patch.object(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map)):
+            gguf_model = AutoModelForCausalLM.from_pretrained(
+                gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        # Its config, less the GGUF quantization note: the exported weights are plain float32.
+        settings = {k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"}
+        config = type(gguf_model.config).from_dict(settings)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(gguf_model.state_dict())
         model.generation_config = gguf_model.generation_config
