@@ -147,6 +147,9 @@ def test_killed_worker_restarts_a_lora_run_from_its_checkpoint(lora_run, hh_path
     assert_same_steps(result, lora_run)
     state = torch.load(Path(latest_checkpoint(result.run_dir)) / "trainer_state.pt", weights_only=False)
     assert state["step"] == 4 and state["scheduler"]["last_epoch"] == 4
+    # Checkpoints are written beside their final place and renamed into it: what a killed
+    # worker was writing is removed by the next save, never resumed from.
+    assert not list(result.run_dir.glob("ray_train*/.staging-*"))
     a = load_file(result.final_model / "adapter_model.safetensors")
     b = load_file(lora_run.final_model / "adapter_model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in b)

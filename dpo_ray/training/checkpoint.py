@@ -8,12 +8,16 @@ Gathering is a collective (every rank calls ``gather_state``); only rank 0 write
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import ray.train
 import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
@@ -27,6 +31,44 @@ RAY_TRAIN_NAME = "ray_train"
 # What a run directory's local mirror leaves in the bucket (dpo_ray/storage.py): checkpoints (Ray
 # Train reads them there) and the final model (the driver writes it).
 NOT_MIRRORED = (f"{RAY_TRAIN_NAME}*", "final_model*")
+
+
+@contextlib.contextmanager
+def staging_folder():
+    """Where rank 0 writes a checkpoint, and what it passes to ``ray.train.report``.
+
+    Yields ``(folder, upload_fn)``. Ray Train's default upload copies the folder into the run's
+    storage with pyarrow: ~3.7 s for SmolLM2's 1.6 GB (weights and AdamW state) on this machine,
+    a second full write. When the storage is a local (or mounted) path that Ray Train has
+    validated on this node, the folder is written inside the run's Ray Train directory instead
+    and ``upload_fn`` renames it into place: one write, and a checkpoint folder that appears
+    whole or not at all. Elsewhere (a bucket; a path this node does not see) ``upload_fn`` is
+    None and Ray Train uploads (or refuses) as usual."""
+    from pyarrow.fs import LocalFileSystem
+    from ray.train import Checkpoint
+    from ray.train.v2._internal.constants import VALIDATE_STORAGE_MARKER_FILENAME
+
+    storage = ray.train.get_context().get_storage()  # DeveloperAPI: the run's filesystem and path
+    experiment = Path(storage.experiment_fs_path)
+    local = (isinstance(storage.storage_filesystem, LocalFileSystem)
+             and (experiment / VALIDATE_STORAGE_MARKER_FILENAME).exists())
+    if not local:
+        with tempfile.TemporaryDirectory() as folder:
+            yield folder, None
+        return
+
+    def move_into_place(checkpoint, name: str):
+        target = experiment / name
+        os.rename(checkpoint.path, target)
+        return Checkpoint.from_directory(str(target))
+
+    # A staging folder left by a worker killed while writing is never a checkpoint (Ray Train
+    # lists its own records, run_checkpoints checkpoint_* folders); only rank 0 of this attempt
+    # writes here, so what is left from before is garbage.
+    for stale in experiment.glob(".staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=experiment, prefix=".staging-", ignore_cleanup_errors=True) as folder:
+        yield folder, move_into_place
 
 
 def gather_state(model, optimizer) -> tuple[dict, dict]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -405,6 +404,7 @@ def _save(logged, rank, model, policy, optimizer, scheduler, step, plan: WorkerP
     if rank != 0:
         ray.train.report(logged)
         return
-    with tempfile.TemporaryDirectory() as folder:
+    with checkpoint.staging_folder() as (folder, upload_fn):
         checkpoint.save(folder, policy, model_state, optimizer_state, scheduler, step, plan.tokenizer)
-        ray.train.report(logged, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        ray.train.report(logged, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_upload_fn=upload_fn)
