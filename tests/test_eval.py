@@ -131,7 +131,7 @@ def test_bad_prompt_rows_are_named_or_counted(ray_session, tmp_path):
     assert counts["skipped"] == {"missing_field": 1, "malformed_json": 1}
 
 
-def test_eval_without_policies_or_judges_fails_before_any_work(tmp_path):
+def test_eval_without_policies_or_judges_or_with_one_twice_fails_before_any_work(tmp_path):
     from dpo_ray.eval import evaluate
 
     source = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hi"}])
@@ -140,6 +140,13 @@ def test_eval_without_policies_or_judges_fails_before_any_work(tmp_path):
         evaluate(EvalConfig(prompts=str(source), judges=[vader], output_dir=str(tmp_path / "evals")))
     with pytest.raises(ValueError, match=r"eval.judges is empty"):
         evaluate(EvalConfig(prompts=str(source), judges=[], policies=["some/model"],
+                            output_dir=str(tmp_path / "evals")))
+    # Results and the report are keyed by policy and judge: twice would fail only at the report.
+    with pytest.raises(ValueError, match=r"eval.policies names \['a/model'\] more than once"):
+        evaluate(EvalConfig(prompts=str(source), judges=[vader], policies=["a/model", "b", "a/model"],
+                            output_dir=str(tmp_path / "evals")))
+    with pytest.raises(ValueError, match=r"eval.judges names \['vader'\] more than once"):
+        evaluate(EvalConfig(prompts=str(source), judges=[vader, vader], policies=["a/model"],
                             output_dir=str(tmp_path / "evals")))
     assert not (tmp_path / "evals").exists()  # nothing half-written
 

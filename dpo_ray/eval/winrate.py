@@ -78,7 +78,7 @@ class _JudgeActor:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         got = self.judge.compare(batch["prompt_text"].tolist(), batch["policy_response"].tolist(),
                                  batch["baseline_response"].tolist())
-        out = batch[["prompt_id", "sample_index"]].copy()
+        out = batch[["row"]].copy()
         out["verdict"] = [{"a": "policy", "b": "baseline", "tie": "tie"}[v] for v in got["verdict"]]
         out["policy_score"] = got.get("score_a", [np.nan] * len(out))
         out["baseline_score"] = got.get("score_b", [np.nan] * len(out))
@@ -90,17 +90,22 @@ class _JudgeActor:
 
 def run_judge(pairs: pd.DataFrame, config: JudgeConfig) -> pd.DataFrame:
     """Judgments for ``pairs`` (prompt_id, sample_index, prompt_text, policy_response,
-    baseline_response) on the actor pool ``config.pool``; returned in ``pairs`` order."""
-    ds = ray.data.from_pandas(pairs[["prompt_id", "sample_index", "prompt_text", "policy_response",
-                                     "baseline_response"]])
-    judged = ds.repartition(target_num_rows_per_block=config.batch_size).map_batches(
+    baseline_response) on the actor pool ``config.pool``: one row per pair, in ``pairs`` order.
+    ``pairs`` may hold every policy's pairs: an eval starts one pool per judge, not one per
+    (policy, judge), so a judge model loads once and a small judge's pool start-up (~3 s) is
+    paid once."""
+    rows = pairs[["prompt_text", "policy_response", "baseline_response"]].assign(row=np.arange(len(pairs)))
+    judged = ray.data.from_pandas(rows).repartition(target_num_rows_per_block=config.batch_size).map_batches(
         _JudgeActor, fn_constructor_args=(config,), batch_format="pandas", batch_size=config.batch_size,
         **actor_pool_kwargs(config.pool, f"judge {judge_label(config)!r}",
                             blocks=math.ceil(len(pairs) / config.batch_size)))
     with progress(f"judging ({judge_label(config)})", len(pairs), "pairs") as bar:
-        judged = counted(judged, bar).to_pandas()
-    return pairs[["prompt_id", "sample_index"]].merge(judged, on=["prompt_id", "sample_index"],
-                                                      how="left", validate="one_to_one")
+        judged = counted(judged, bar).to_pandas().set_index("row").sort_index()
+    if judged.index.tolist() != list(range(len(pairs))):  # (Arrow-backed: compare values)
+        raise RuntimeError(f"judge {judge_label(config)!r} returned {len(judged)} verdicts for "
+                           f"{len(pairs)} pairs")
+    return pd.concat([pairs[["prompt_id", "sample_index"]].reset_index(drop=True),
+                      judged.reset_index(drop=True)], axis=1)
 
 
 def _samples(prompts: pd.DataFrame, model: str, config: EvalConfig, seed: int) -> pd.DataFrame:
@@ -150,6 +155,10 @@ def evaluate(config: EvalConfig) -> EvalResult:
         if not getattr(config, field):
             raise ValueError(f"eval.{field} is empty: name at least one (e.g. eval.{field}=[...] "
                              "or in the config file); `dpo-ray pipeline` fills eval.policies itself")
+    for what, names in (("policies", config.policies), ("judges", [judge_label(j) for j in config.judges])):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # results, judgments and the report are keyed by these names
+            raise ValueError(f"eval.{what} names {twice} more than once; each must be distinct")
     check_function_judges(config.judges)
     check_trackers(config.report_to, "eval.report_to")  # before the work, not after it
     init_ray()
@@ -166,7 +175,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
 
     baseline_id, baseline = _baseline(prompts, config)
     all_samples = [baseline.assign(role="baseline", model_id=baseline_id)]
-    judgments, results = [], []
+    judgments, results, generated = [], [], []
     for policy_arg in config.policies:
         policy = resolve_model(policy_arg)
         print(f"eval: generating with {policy}", flush=True)
@@ -177,10 +186,16 @@ def evaluate(config: EvalConfig) -> EvalResult:
                               validate="one_to_one")
         pairs = pairs.merge(prompts[["prompt_id", "prompt_text"]], on="prompt_id")
         pairs = pairs.rename(columns={"response": "policy_response", "response_baseline": "baseline_response"})
+        generated.append((policy_arg, samples, pairs))
+    # Every policy's pairs through each judge at once (one pool per judge), then split again.
+    every_pair = pd.concat([pairs for _, _, pairs in generated], ignore_index=True)
+    verdicts = [run_judge(every_pair, judge_config) for judge_config in config.judges]
+    start = 0
+    for policy_arg, samples, pairs in generated:
         kl = float((samples["logp"] - samples["ref_logp"]).mean()) if config.reference else None
-        for judge_config in config.judges:
+        for judge_config, every_verdict in zip(config.judges, verdicts):
             label = judge_label(judge_config)
-            judged = run_judge(pairs, judge_config)
+            judged = every_verdict.iloc[start:start + len(pairs)].reset_index(drop=True)
             rate = stats.win_rate(judged["verdict"], judged["prompt_id"], config.confidence,
                                   config.n_resamples, config.bootstrap_seed)
             results.append({
@@ -201,6 +216,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
             judgments.append(pairs[["prompt_id", "sample_index", "prompt_text", "policy_response",
                                     "baseline_response"]].merge(judged, on=["prompt_id", "sample_index"])
                              .assign(policy=policy_arg, judge=label))
+        start += len(pairs)
     summary = {"eval_dir": uri, "prompts": prompt_counts, "baseline": config.baseline,
                "baseline_model": baseline_id, "generation": _gen_dict(config), "results": results}
     judgments = pd.concat(judgments, ignore_index=True)
