@@ -45,7 +45,6 @@ def staging_folder():
     whole or not at all. Elsewhere (a bucket; a path this node does not see) ``upload_fn`` is
     None and Ray Train uploads (or refuses) as usual."""
     from pyarrow.fs import LocalFileSystem
-    from ray.train import Checkpoint
     from ray.train.v2._internal.constants import VALIDATE_STORAGE_MARKER_FILENAME
 
     storage = ray.train.get_context().get_storage()  # DeveloperAPI: the run's filesystem and path
@@ -60,7 +59,7 @@ def staging_folder():
     def move_into_place(checkpoint, name: str):
         target = experiment / name
         os.rename(checkpoint.path, target)
-        return Checkpoint.from_directory(str(target))
+        return ray.train.Checkpoint.from_directory(str(target))
 
     # A staging folder left by a worker killed while writing is never a checkpoint (Ray Train
     # lists its own records, run_checkpoints checkpoint_* folders); only rank 0 of this attempt
